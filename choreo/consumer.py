@@ -1,0 +1,255 @@
+"""From a consumed record to committed handler transactions, with retries and dead letters.
+
+Every record ends in exactly one of: processed (inbox row + effects committed), a duplicate
+(inbox row already there: nothing happens), not for this service (skipped and counted), or a
+dead letter. Only then does the transport commit its offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from choreo import deadletters
+from choreo.database import claim_inbox, is_transient
+from choreo.envelope import Envelope, decode_headers, utcnow
+from choreo.events import Event, EventRegistry
+from choreo.exceptions import RejectedRecord
+from choreo.kafka import Record
+from choreo.tx import Tx
+
+log = logging.getLogger("choreo.consumer")
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A registered handler: `name` (service.function) is also its inbox consumer name."""
+
+    name: str
+    func: Callable[[Any, Tx], Awaitable[Any]]
+    event_types: tuple[type[Event], ...]
+    emits: frozenset[type[Event]]
+    max_attempts: int | None = None
+
+    def event_type_for(self, name: str, version: int) -> type[Event] | None:
+        """The class this handler takes for a wire name and version, if any."""
+        for event_type in self.event_types:
+            if event_type.event_name == name and event_type.event_version == version:
+                return event_type
+        return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a failing handler is retried."""
+
+    max_attempts: int = 5
+    """Attempts of a handler's own failure before its record is dead-lettered."""
+    initial_backoff: float = 0.1
+    max_backoff: float = 10.0
+    max_record_bytes: int = 1024 * 1024
+
+    def backoff(self, failures: int) -> float:
+        """Exponential backoff with jitter for the n-th consecutive failure."""
+        ceiling = min(self.max_backoff, self.initial_backoff * 2 ** max(0, failures - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+@dataclass
+class ConsumerStats:
+    """What the consumer did, by outcome."""
+
+    handled: int = 0
+    duplicates: int = 0
+    retried: int = 0
+    transient_retries: int = 0
+    dead_lettered: int = 0
+    skipped: int = 0
+    unknown: int = 0
+    unknown_types: set[str] = field(default_factory=set)
+
+
+class UnitOfWorkFactory(Protocol):
+    """Opens the service's unit of work (see `Service.transaction`)."""
+
+    def __call__(
+        self,
+        *,
+        saga_id: str,
+        cause: Envelope | None,
+        handler: str | None,
+        allowed: frozenset[type[Event]] | None,
+    ) -> AbstractAsyncContextManager[Tx]: ...
+
+
+class Consumer:
+    """Dispatches one service's records to its handlers."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        handlers: Sequence[Handler],
+        registry: EventRegistry,
+        unit_of_work: UnitOfWorkFactory,
+        policy: RetryPolicy,
+    ) -> None:
+        self.service = service
+        self.registry = registry
+        self.policy = policy
+        self.stats = ConsumerStats()
+        self._unit_of_work = unit_of_work
+        self._by_name: dict[str, list[Handler]] = {}
+        for handler in handlers:
+            for name in {t.event_name for t in handler.event_types}:
+                self._by_name.setdefault(name, []).append(handler)
+
+    async def on_record(self, record: Record) -> None:
+        """Process `record` to one of its final outcomes; returns only when that is durable."""
+        try:
+            if len(record.value) > self.policy.max_record_bytes:
+                raise RejectedRecord(
+                    "oversized",
+                    f"{len(record.value)} bytes exceeds the limit of {self.policy.max_record_bytes}",
+                )
+            envelope = Envelope.from_headers(decode_headers(record.headers))
+        except RejectedRecord as rejected:
+            await self._park(record, self.service, rejected.reason, str(rejected), None, 1, utcnow())
+            return
+        handlers = self._by_name.get(envelope.event_type)
+        if not handlers:
+            self._skip(envelope)
+            return
+        for handler in handlers:
+            await self._dispatch(handler, record, envelope)
+
+    def _skip(self, envelope: Envelope) -> None:
+        # Topics carry every event of their producer; those this service does not handle
+        # are expected. A name it has never heard of is worth a line in the log, once.
+        if self.registry.knows_name(envelope.event_type):
+            self.stats.skipped += 1
+            return
+        self.stats.unknown += 1
+        if envelope.event_type not in self.stats.unknown_types:
+            self.stats.unknown_types.add(envelope.event_type)
+            log.info("%s: ignoring unknown event type %r", self.service, envelope.event_type)
+
+    async def _dispatch(self, handler: Handler, record: Record, envelope: Envelope) -> None:
+        event_type = handler.event_type_for(envelope.event_type, envelope.event_version)
+        if event_type is None:
+            known = sorted(t.event_version for t in handler.event_types if t.event_name == envelope.event_type)
+            await self._park(
+                record,
+                handler.name,
+                "unknown-version",
+                f"{envelope.event_type} v{envelope.event_version}; {handler.name} takes version(s) {known}",
+                None,
+                1,
+                utcnow(),
+            )
+            return
+        try:
+            event = event_type.model_validate_json(record.value)
+        except ValidationError as invalid:
+            reason = "invalid-json" if invalid.errors()[0]["type"] == "json_invalid" else "schema-violation"
+            await self._park(record, handler.name, reason, str(invalid), None, 1, utcnow())
+            return
+        await self._run_with_retries(handler, event, envelope, record)
+
+    async def _run_with_retries(
+        self, handler: Handler, event: Event, envelope: Envelope, record: Record
+    ) -> None:
+        limit = handler.max_attempts or self.policy.max_attempts
+        attempts = transient = 0
+        first_failed_at: datetime | None = None
+        while True:
+            try:
+                processed = await self._run_once(handler, event, envelope)
+            except Exception as error:  # noqa: BLE001 - classified below
+                first_failed_at = first_failed_at or utcnow()
+                if is_transient(error):
+                    # The infrastructure, not the handler, failed: wait it out, never park.
+                    transient += 1
+                    self.stats.transient_retries += 1
+                    log.warning("%s: transient failure (%s), retrying", handler.name, error)
+                    await asyncio.sleep(self.policy.backoff(transient))
+                    continue
+                attempts += 1
+                if attempts >= limit:
+                    log.error("%s failed %d times, dead-lettering: %r", handler.name, attempts, error)
+                    await self._park(
+                        record,
+                        handler.name,
+                        "handler-error",
+                        f"{type(error).__name__}: {error}",
+                        "".join(traceback.format_exception(error, limit=-8)),
+                        attempts,
+                        first_failed_at,
+                    )
+                    return
+                self.stats.retried += 1
+                log.warning("%s failed (attempt %d of %d): %r", handler.name, attempts, limit, error)
+                await asyncio.sleep(self.policy.backoff(attempts))
+                continue
+            if processed:
+                self.stats.handled += 1
+            else:
+                self.stats.duplicates += 1
+            return
+
+    async def _run_once(self, handler: Handler, event: Event, envelope: Envelope) -> bool:
+        async with self._unit_of_work(
+            saga_id=envelope.saga_id, cause=envelope, handler=handler.name, allowed=handler.emits
+        ) as tx:
+            # The inbox row is written first, on the handler's own session: the handler's
+            # effects and the "processed" mark commit or roll back together.
+            if not await claim_inbox(tx.session, handler.name, envelope.event_id, utcnow()):
+                return False
+            tx.emit_result(await handler.func(event, tx))
+        return True
+
+    async def _park(
+        self,
+        record: Record,
+        consumer: str,
+        reason: str,
+        error: str,
+        trace: str | None,
+        attempts: int,
+        first_failed_at: datetime,
+    ) -> None:
+        failures = 0
+        while True:
+            try:
+                async with self._unit_of_work(saga_id="", cause=None, handler=None, allowed=None) as tx:
+                    await deadletters.park(
+                        tx.session,
+                        record,
+                        service=self.service,
+                        consumer=consumer,
+                        reason=reason,
+                        error=error,
+                        traceback=trace,
+                        attempts=attempts,
+                        first_failed_at=first_failed_at,
+                        now=utcnow(),
+                    )
+            except Exception as failure:  # noqa: BLE001 - a record is never dropped
+                failures += 1
+                log.warning("%s: cannot store dead letter yet (%s), retrying", consumer, failure)
+                await asyncio.sleep(self.policy.backoff(failures))
+                continue
+            self.stats.dead_lettered += 1
+            log.warning(
+                "%s: dead-lettered %s/%d/%d (%s)", consumer, record.topic, record.partition, record.offset, reason
+            )
+            return

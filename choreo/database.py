@@ -1,0 +1,167 @@
+"""Engines, dialect differences and failure classification for a service's own database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import event, exc, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.sql.dml import Insert
+
+from choreo.exceptions import ConfigurationError
+from choreo.tables import InboxRow
+
+NOTIFY_CHANNEL = "choreo_outbox"
+
+# SQLSTATEs worth retrying: serialization failure, deadlock, lock timeout, admin shutdown,
+# cannot connect now, too many connections; class 08 (connection exceptions) is added below.
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"}
+
+
+def normalize_url(url: str) -> str:
+    """Accept plain `postgresql://` and `sqlite://` URLs and pick the async drivers for them."""
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError:
+        raise ConfigurationError(
+            f"database URL {url!r} is not a URL; use e.g. sqlite+aiosqlite:///orders.db "
+            "or postgresql+asyncpg://user:password@host:5432/orders"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
+    raise ConfigurationError(
+        f"database URL {parsed.render_as_string()!r}: choreo supports PostgreSQL "
+        "(postgresql+asyncpg://...) and SQLite (sqlite+aiosqlite:///file.db), not {backend!r}"
+    )
+
+
+def create_engine(url: str, **options: Any) -> AsyncEngine:
+    """An async engine for a service database; SQLite gets WAL and serialized writers."""
+    url = normalize_url(url)
+    if make_url(url).get_backend_name() != "sqlite":
+        options.setdefault("pool_size", 10)
+        options.setdefault("max_overflow", 10)
+        options.setdefault("pool_pre_ping", True)
+        return create_async_engine(url, **options)
+    engine = create_async_engine(url, **options)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide when transactions begin (see below).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        # SQLite ignores SELECT ... FOR UPDATE. Taking the write lock when the transaction
+        # begins makes concurrent read-modify-write handlers queue up instead of losing
+        # updates or failing with "database is locked" when they upgrade to writing.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def is_postgres(bind: AsyncEngine | AsyncConnection | AsyncSession) -> bool:
+    """True when `bind` talks to PostgreSQL."""
+    return bind.bind.dialect.name == "postgresql" if isinstance(bind, AsyncSession) else (
+        bind.dialect.name == "postgresql"
+    )
+
+
+def insert_ignoring_duplicates(table: Any, dialect_name: str) -> Insert:
+    """INSERT ... ON CONFLICT DO NOTHING for the given dialect."""
+    if dialect_name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
+
+
+async def claim_inbox(session: AsyncSession, consumer: str, event_id: str, now: Any) -> bool:
+    """Insert the inbox row; False when this consumer already processed the event.
+
+    ON CONFLICT DO NOTHING (rather than catching IntegrityError) keeps the transaction usable
+    on PostgreSQL, and when a concurrent transaction holds the same key it waits for that
+    transaction's outcome instead of processing the event a second time.
+    """
+    dialect = session.bind.dialect.name
+    statement = insert_ignoring_duplicates(InboxRow.__table__, dialect).values(
+        consumer=consumer, event_id=event_id, processed_at=now
+    )
+    result = await session.execute(statement)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def lock_keys(session: AsyncSession, keys: Sequence[str]) -> None:
+    """Serialize transactions that emit for the same Kafka key (PostgreSQL only).
+
+    Outbox ids come from a sequence, which hands out numbers at insert time, not commit time:
+    two transactions emitting for one key could commit in the opposite order of their ids, and
+    the relay would publish the later event first. A transaction-scoped advisory lock per key,
+    taken before the insert, makes id order equal commit order for each key. Keys are locked
+    in hash order so that two transactions sharing several keys cannot deadlock.
+    """
+    if not keys or session.bind.dialect.name != "postgresql":
+        return
+    await session.execute(
+        text(
+            "SELECT pg_advisory_xact_lock(h) FROM ("
+            " SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(CAST(:keys AS text[])) AS k"
+            " ORDER BY h) AS hashed"
+        ),
+        {"keys": list(keys)},
+    )
+
+
+async def notify_relays(session: AsyncSession) -> None:
+    """Wake relays in other processes once this transaction commits (PostgreSQL NOTIFY)."""
+    if session.bind.dialect.name == "postgresql":
+        await session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for failures of the infrastructure, not of the handler's logic: retry forever."""
+    if isinstance(error, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    if isinstance(error, (exc.DisconnectionError, exc.TimeoutError)):
+        return True
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        sqlstate = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+        if sqlstate and (sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")):
+            return True
+        if isinstance(error, exc.InterfaceError):
+            return True
+        if isinstance(error, exc.OperationalError):
+            if error.orig is not None and type(error.orig).__module__.startswith("sqlite3"):
+                # SQLite reports a busy database and a typo in SQL alike as OperationalError.
+                message = str(error.orig).lower()
+                return any(hint in message for hint in ("locked", "busy", "unable to open", "i/o"))
+            return True
+        return False
+    cause = error.__cause__ or error.__context__
+    if cause is not None and cause is not error:
+        return _is_transient_driver_error(cause)
+    return _is_transient_driver_error(error)
+
+
+def _is_transient_driver_error(error: BaseException) -> bool:
+    name = type(error).__name__
+    module = type(error).__module__
+    if module.startswith("asyncpg") and (
+        "Connection" in name or "CannotConnectNow" in name or "TooManyConnections" in name
+    ):
+        return True
+    if module.startswith("aiokafka"):
+        return bool(getattr(error, "retriable", False)) or "Connection" in name or "Timeout" in name
+    return isinstance(error, (ConnectionError, OSError, asyncio.TimeoutError))

@@ -1,0 +1,165 @@
+"""The Kafka transport: the only module that talks to FastStream and aiokafka.
+
+Everything else in choreo sees `Record` (a consumed record) and `KafkaTransport.publish`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.security import parse_security
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+
+from choreo.outbox import OutboxRecord
+from choreo.settings import KafkaSettings
+
+log = logging.getLogger("choreo.kafka")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A consumed Kafka record, as choreo's consumer sees it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+
+
+OnRecord = Callable[[Record], Awaitable[None]]
+
+
+def security_for(settings: KafkaSettings) -> BaseSecurity | None:
+    """FastStream's security object for the configured protocol."""
+    use_ssl = settings.security_protocol.endswith("SSL")
+    context = ssl.create_default_context() if use_ssl else None
+    if settings.security_protocol.startswith("SASL"):
+        credentials = {"username": settings.sasl_username or "", "password": settings.sasl_password or ""}
+        sasl = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512}
+        return sasl[settings.sasl_mechanism or "PLAIN"](ssl_context=context, use_ssl=use_ssl, **credentials)
+    if use_ssl:
+        return BaseSecurity(ssl_context=context, use_ssl=True)
+    return None
+
+
+class KafkaTransport:
+    """One service's connection to Kafka: its consumer group and its producer."""
+
+    def __init__(self, settings: KafkaSettings, *, client_id: str) -> None:
+        self.settings = settings
+        self._security = security_for(settings)
+        options: dict[str, Any] = {
+            "client_id": client_id,
+            "enable_idempotence": settings.idempotence,
+            "acks": "all",
+            "logger": logging.getLogger("choreo.kafka.faststream"),
+        }
+        options.update(settings.client_options)
+        self.broker = KafkaBroker(settings.bootstrap_servers, security=self._security, **options)
+
+    def subscribe(self, topic: str, group_id: str, on_record: OnRecord) -> None:
+        """Deliver `topic`'s records to `on_record` one at a time; commit the offset after it returns.
+
+        `on_record` must not raise for a record it could not process (it dead-letters it):
+        the offset is only committed after it returns, and with a manual ack policy a raised
+        exception would let the next record's commit skip past this one.
+        """
+        subscriber = self.broker.subscriber(
+            self.settings.topic_prefix + topic,
+            group_id=group_id,
+            ack_policy=AckPolicy.MANUAL,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
+        )
+
+        @subscriber
+        async def consume(message: KafkaMessage) -> None:
+            raw = message.raw_message
+            await on_record(
+                Record(
+                    topic=raw.topic.removeprefix(self.settings.topic_prefix),
+                    partition=raw.partition,
+                    offset=raw.offset,
+                    key=raw.key,
+                    value=raw.value if raw.value is not None else b"",
+                    headers=tuple(raw.headers or ()),
+                )
+            )
+            await message.ack()
+
+    async def ensure_topics(self, topics: Iterable[str]) -> None:
+        """Create missing topics, so consumers see them at once rather than after a metadata refresh."""
+        names = sorted({self.settings.topic_prefix + topic for topic in topics})
+        if not names:
+            return
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.settings.bootstrap_servers, **parse_security(self._security)
+        )
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            missing = [name for name in names if name not in existing]
+            if missing:
+                partitions = self.settings.partitions or -1
+                try:
+                    await admin.create_topics(
+                        [NewTopic(name, num_partitions=partitions, replication_factor=-1) for name in missing]
+                    )
+                except TopicAlreadyExistsError:
+                    pass  # another service created it meanwhile
+        finally:
+            await admin.close()
+
+    async def start(self) -> None:
+        """Connect the producer and start the consumers."""
+        await self.broker.start()
+
+    async def stop(self) -> None:
+        """Stop consuming and flush the producer."""
+        await self.broker.stop()
+
+    async def publish(self, records: Sequence[OutboxRecord]) -> list[BaseException | None]:
+        """Send `records` in order; per record, None when Kafka acknowledged it, else the error.
+
+        All records are handed to the producer before any acknowledgement is awaited, so a
+        batch costs about one round trip; the producer keeps per-partition order.
+        """
+        pending: list[Any] = []
+        for record in records:
+            try:
+                pending.append(
+                    await self.broker.publish(
+                        record.payload,
+                        self.settings.topic_prefix + record.topic,
+                        key=record.key.encode() if record.key is not None else None,
+                        headers=record.headers,
+                        no_confirm=True,
+                    )
+                )
+            except Exception as error:  # noqa: BLE001 - reported per record
+                pending.append(error)
+        outcomes: list[BaseException | None] = []
+        for item in pending:
+            if isinstance(item, BaseException):
+                outcomes.append(item)
+            elif isinstance(item, asyncio.Future):
+                try:
+                    await item
+                    outcomes.append(None)
+                except Exception as error:  # noqa: BLE001 - reported per record
+                    outcomes.append(error)
+            else:
+                outcomes.append(None)  # an in-memory test broker delivers synchronously
+        return outcomes

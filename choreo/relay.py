@@ -1,0 +1,195 @@
+"""The relay: publishes outbox rows to Kafka in id order and marks them published.
+
+It runs inside the service process by default, or alone (`choreo relay module:service`).
+Only one relay per database publishes at a time: on PostgreSQL the leader holds a
+session-level advisory lock on the very connection it reads and marks rows with, so if that
+connection dies the lock is released and the leader's own work fails with it; standbys retry
+the lock every `standby_interval`. SQLite serves one process, whose single relay is leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from choreo import outbox
+from choreo.database import NOTIFY_CHANNEL, is_postgres, is_transient
+from choreo.envelope import utcnow
+from choreo.outbox import OutboxRecord
+
+log = logging.getLogger("choreo.relay")
+
+# The two-int advisory lock space is separate from the bigint one used for per-key locks.
+_LEADER_LOCK = (0x63686F72, 0x72656C61)  # "chor", "rela"
+
+
+class Publisher(Protocol):
+    """What the relay needs from Kafka."""
+
+    async def publish(self, records: Sequence[OutboxRecord]) -> list[BaseException | None]: ...
+
+
+@dataclass
+class RelayStats:
+    """Counters a health endpoint or a test can read."""
+
+    published: int = 0
+    batches: int = 0
+    failures: int = 0
+    is_leader: bool = False
+    last_error: str | None = None
+    wakeups: int = 0
+
+
+class Relay:
+    """Moves committed outbox rows to Kafka, one leader per database."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        publisher: Publisher,
+        *,
+        name: str,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        standby_interval: float = 1.0,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.engine = engine
+        self.publisher = publisher
+        self.name = name
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.standby_interval = standby_interval
+        self.max_backoff = max_backoff
+        self.stats = RelayStats()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """Publish soon: a transaction that wrote outbox rows has committed."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Run in the background until `stop()`."""
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name=f"choreo-relay-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop publishing; unpublished rows stay in the outbox for the next leader."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        """Elect, publish while leader, and recover from any outage with backoff."""
+        failures = 0
+        while True:
+            try:
+                async with self.engine.connect() as conn:
+                    if not await self._acquire_leadership(conn):
+                        await asyncio.sleep(self.standby_interval)
+                        continue
+                    self.stats.is_leader = True
+                    log.info("relay %s is the leader", self.name)
+                    try:
+                        await self._lead(conn)
+                    finally:
+                        self.stats.is_leader = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the relay must outlive any outage
+                failures += 1
+                self.stats.failures += 1
+                self.stats.last_error = f"{type(error).__name__}: {error}"
+                level = logging.WARNING if is_transient(error) else logging.ERROR
+                log.log(level, "relay %s failed (%s); retrying", self.name, self.stats.last_error)
+                await asyncio.sleep(self._backoff(failures))
+            else:
+                failures = 0
+
+    async def _acquire_leadership(self, conn: AsyncConnection) -> bool:
+        if not is_postgres(conn):
+            return True
+        got = await conn.scalar(
+            text("SELECT pg_try_advisory_lock(:a, :b)"), {"a": _LEADER_LOCK[0], "b": _LEADER_LOCK[1]}
+        )
+        await conn.commit()  # the lock is session-level: it outlives this transaction
+        return bool(got)
+
+    async def _lead(self, conn: AsyncConnection) -> None:
+        await self._listen(conn)
+        while True:
+            published = await self.publish_once(conn)
+            if published == self.batch_size:
+                continue  # a full batch: more rows are probably waiting
+            timeout = self.poll_interval
+            due = await outbox.next_due_at(conn)
+            await conn.commit()
+            if due is not None:
+                timeout = max(0.0, min(timeout, (due - utcnow()).total_seconds()))
+            await self._sleep(timeout)
+
+    async def publish_once(self, conn: AsyncConnection) -> int:
+        """Publish one batch of due rows; returns how many were marked published."""
+        rows = await outbox.fetch_due(conn, utcnow(), self.batch_size)
+        await conn.commit()
+        if not rows:
+            return 0
+        outcomes = await self.publisher.publish(rows)
+        done = _publishable_prefix_per_key(rows, outcomes)
+        await outbox.mark_published(conn, done, utcnow())
+        await conn.commit()
+        self.stats.published += len(done)
+        self.stats.batches += 1
+        errors = [o for o in outcomes if o is not None]
+        if errors:
+            raise errors[0]
+        return len(done)
+
+    async def _listen(self, conn: AsyncConnection) -> None:
+        # Rows committed by other processes (an HTTP worker, a script) wake us through
+        # NOTIFY; the polling interval only matters if a notification is lost.
+        if not is_postgres(conn):
+            return
+        raw: Any = (await conn.get_raw_connection()).driver_connection
+        await raw.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
+
+    async def _sleep(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+            self.stats.wakeups += 1
+        self._wake.clear()
+
+    def _backoff(self, failures: int) -> float:
+        ceiling = min(self.max_backoff, 0.05 * 2**failures)
+        return random.uniform(ceiling / 2, ceiling)
+
+
+def _publishable_prefix_per_key(
+    rows: Sequence[OutboxRecord], outcomes: Sequence[BaseException | None]
+) -> list[int]:
+    """Ids safe to mark published: acknowledged, and no earlier row of the same key failed.
+
+    A later row of a key whose earlier row failed stays unpublished too, so both are sent
+    again in order (consumers absorb the duplicate); marking it would let it overtake.
+    """
+    failed_keys: set[str | None] = set()
+    done: list[int] = []
+    for row, outcome in zip(rows, outcomes, strict=True):
+        if outcome is not None or row.key in failed_keys:
+            failed_keys.add(row.key)
+        else:
+            done.append(row.id)
+    return done
+

@@ -1,0 +1,342 @@
+"""`Service`: a named participant in the choreography, with its own database and consumer group.
+
+    customers = Service("customers")
+
+    @customers.on(OrderCreated)
+    async def reserve_credit(event: OrderCreated, tx: Tx) -> CreditReserved | CreditLimitExceeded:
+        ...
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import types
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from choreo import deadletters, outbox, tables
+from choreo.consumer import Consumer, Handler, RetryPolicy
+from choreo.database import create_engine
+from choreo.envelope import Envelope, new_id, utcnow
+from choreo.events import Event, EventRegistry, describe, is_event_type
+from choreo.exceptions import SetupError
+from choreo.kafka import KafkaTransport
+from choreo.relay import Relay
+from choreo.settings import KafkaSettings, database_url
+from choreo.tx import Tx
+
+log = logging.getLogger("choreo.service")
+
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+
+_SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+
+class Service:
+    """A service: its handlers, its database, its Kafka consumer group and its relay."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        database_url: str | None = None,
+        kafka: KafkaSettings | str | None = None,
+        metadata: MetaData | Iterable[MetaData] = (),
+        retry: RetryPolicy | None = None,
+        relay: bool = True,
+        group_id: str | None = None,
+    ) -> None:
+        if not _SERVICE_NAME.match(name):
+            raise SetupError(
+                f"service name {name!r} must be lowercase letters, digits, '-' or '_', "
+                "starting with a letter (it names the consumer group and env variables)"
+            )
+        self.name = name
+        self.group_id = group_id or name
+        self.retry = retry or RetryPolicy()
+        self.run_relay = relay
+        self.metadata = [metadata] if isinstance(metadata, MetaData) else list(metadata)
+        """Application tables created in this service's database on start, beside choreo's."""
+        self.registry = EventRegistry()
+        self.handlers: list[Handler] = []
+        self._database_url = database_url
+        self._kafka = kafka
+        self._engine: AsyncEngine | None = None
+        self._transport: KafkaTransport | None = None
+        self._relay: Relay | None = None
+        self._consumer: Consumer | None = None
+        self._started = False
+
+    def __repr__(self) -> str:
+        return f"Service({self.name!r})"
+
+    # -- declaring ---------------------------------------------------------------------------
+
+    def on(
+        self,
+        *event_types: type[Event],
+        emits: Iterable[type[Event]] | None = None,
+        name: str | None = None,
+        max_attempts: int | None = None,
+    ) -> Callable[[H], H]:
+        """Register `async def handler(event, tx) -> A | B | None` for `event_types`.
+
+        What the handler may emit comes from its return annotation, or from `emits=`.
+        Returns the function unchanged, so tests can call it directly.
+        """
+
+        def register(func: H) -> H:
+            self._ensure_open(func)
+            handler = _build_handler(self.name, func, event_types, emits, name, max_attempts)
+            if any(h.name == handler.name for h in self.handlers):
+                raise SetupError(
+                    f"{self.name} already has a handler named {handler.name!r}; pass name= to "
+                    "tell them apart (the name keys the inbox, so keep it stable)"
+                )
+            for event_type in (*handler.event_types, *handler.emits):
+                self.registry.add(event_type)
+            self.handlers.append(handler)
+            return func
+
+        return register
+
+    def declare(self, *event_types: type[Event]) -> None:
+        """Register events this service emits outside handlers (e.g. from HTTP endpoints)."""
+        self._ensure_open(event_types)
+        for event_type in event_types:
+            self.registry.add(event_type)
+
+    def _ensure_open(self, what: object) -> None:
+        if self._started:
+            raise SetupError(f"{self.name} is already running; register {what!r} before start()")
+
+    @property
+    def subscribed_topics(self) -> list[str]:
+        """Topics this service consumes, derived from its handlers."""
+        return sorted({t.event_topic for h in self.handlers for t in h.event_types})
+
+    @property
+    def emitted_topics(self) -> list[str]:
+        """Topics this service may publish to."""
+        emitted = {t.event_topic for h in self.handlers for t in h.emits}
+        emitted |= {t.event_topic for t in self.registry}
+        return sorted(emitted | {deadletters.topic_for(self.name)})
+
+    # -- running -----------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The service database's engine (after `start()`)."""
+        if self._engine is None:
+            raise SetupError(f"{self.name} has not started: call `await service.start()` first")
+        return self._engine
+
+    @property
+    def relay(self) -> Relay | None:
+        """The in-process relay, when running."""
+        return self._relay
+
+    @property
+    def consumer(self) -> Consumer | None:
+        """The record dispatcher, when running."""
+        return self._consumer
+
+    async def start(self, *, consume: bool = True, relay: bool | None = None) -> None:
+        """Open the database (creating tables), then start consuming and relaying.
+
+        `consume=False` runs only the relay (`choreo relay`); `relay=False` only the consumer.
+        """
+        if self._started:
+            return
+        await self._open(ensure_topics=True, consume=consume)
+        await self._launch(start_transport=True, relay=relay)
+
+    async def _open(self, *, ensure_topics: bool, consume: bool = True) -> KafkaTransport:
+        kafka = self._kafka_settings()
+        self._engine = create_engine(self._database_url or database_url(self.name))
+        async with self._engine.begin() as conn:
+            for metadata in (tables.metadata, *self.metadata):
+                await conn.run_sync(metadata.create_all)
+        self._transport = KafkaTransport(kafka, client_id=self.name)
+        if ensure_topics:
+            await self._transport.ensure_topics([*self.subscribed_topics, *self.emitted_topics])
+        self._consumer = Consumer(
+            service=self.name,
+            handlers=self.handlers,
+            registry=self.registry,
+            unit_of_work=self._unit_of_work,
+            policy=self.retry,
+        )
+        if consume:
+            for topic in self.subscribed_topics:
+                self._transport.subscribe(topic, self.group_id, self._consumer.on_record)
+        return self._transport
+
+    async def _launch(self, *, start_transport: bool, relay: bool | None) -> None:
+        assert self._transport is not None and self._engine is not None
+        if start_transport:
+            await self._transport.start()
+        if self.run_relay if relay is None else relay:
+            self._relay = Relay(self._engine, self._transport, name=self.name)
+            self._relay.start()
+        self._started = True
+        log.info("%s started: consuming %s", self.name, ", ".join(self.subscribed_topics) or "nothing")
+
+    async def stop(self) -> None:
+        """Stop consuming and relaying, and close connections. Safe to call twice."""
+        if self._relay is not None:
+            await self._relay.stop()
+            self._relay = None
+        if self._transport is not None:
+            await self._transport.stop()
+            self._transport = None
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+        self._started = False
+
+    @asynccontextmanager
+    async def running(self, **options: Any) -> AsyncIterator[Service]:
+        """`async with service.running():` start, and stop on exit."""
+        await self.start(**options)
+        try:
+            yield self
+        finally:
+            await self.stop()
+
+    def _kafka_settings(self) -> KafkaSettings:
+        if isinstance(self._kafka, KafkaSettings):
+            self._kafka.validate()
+            return self._kafka
+        settings = KafkaSettings.from_env(self.name)
+        if isinstance(self._kafka, str):
+            settings = KafkaSettings(**{**vars(settings), "bootstrap_servers": self._kafka})
+            settings.validate()
+        return settings
+
+    # -- units of work -----------------------------------------------------------------------
+
+    def transaction(self, saga_id: str | None = None) -> typing.AsyncContextManager[Tx]:
+        """A unit of work outside handlers: starts a new saga unless `saga_id` joins one.
+
+            async with orders.transaction() as tx:
+                tx.session.add(order)
+                tx.emit(OrderCreated(...))
+        """
+        return self._unit_of_work(saga_id=saga_id or new_id(), cause=None, handler=None, allowed=None)
+
+    @asynccontextmanager
+    async def _unit_of_work(
+        self,
+        *,
+        saga_id: str,
+        cause: Envelope | None,
+        handler: str | None,
+        allowed: frozenset[type[Event]] | None,
+    ) -> AsyncIterator[Tx]:
+        async with AsyncSession(self.engine, expire_on_commit=False) as session:
+            async with session.begin():
+                tx = Tx(session, service=self.name, saga_id=saga_id, cause=cause, handler=handler, allowed=allowed)
+                yield tx
+                # Written last, on the same session: business rows, inbox row and events
+                # commit together or not at all.
+                await outbox.write(session, tx.pending, utcnow())
+        if tx.pending and self._relay is not None:
+            self._relay.wake()
+
+
+def _build_handler(
+    service: str,
+    func: Callable[..., Awaitable[Any]],
+    event_types: tuple[type[Event], ...],
+    emits: Iterable[type[Event]] | None,
+    name: str | None,
+    max_attempts: int | None,
+) -> Handler:
+    where = f"{service}.on: handler {getattr(func, '__qualname__', func)!r}"
+    if not inspect.iscoroutinefunction(func):
+        raise SetupError(f"{where} must be declared `async def`")
+    if not event_types:
+        raise SetupError(f"{where}: name the event type(s) it handles, e.g. @{service}.on(OrderCreated)")
+    for event_type in event_types:
+        if not is_event_type(event_type):
+            raise SetupError(f"{where}: {event_type!r} is not a concrete choreo.Event (name= and topic=)")
+    if max_attempts is not None and max_attempts < 1:
+        raise SetupError(f"{where}: max_attempts must be at least 1")
+    params = list(inspect.signature(func).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required_rest = [p for p in params[2:] if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if len(positional) < 2 or required_rest:
+        raise SetupError(f"{where} must take exactly (event, tx), got ({', '.join(p.name for p in params)})")
+    try:
+        hints = typing.get_type_hints(func)
+    except NameError as missing:
+        raise SetupError(
+            f"{where}: cannot resolve its annotations ({missing}); define the event classes "
+            "at module level"
+        ) from None
+    accepted = hints.get(positional[0].name)
+    if accepted is not None:
+        accepted_types = _event_types_in(accepted, where, allow_none=False)
+        for event_type in event_types:
+            if not any(issubclass(event_type, t) for t in accepted_types):
+                raise SetupError(
+                    f"{where} is registered for {describe(event_type)} but its first parameter "
+                    f"is annotated {accepted!r}"
+                )
+    tx_hint = hints.get(positional[1].name)
+    if tx_hint is not None and tx_hint is not Tx:
+        raise SetupError(f"{where}: its second parameter must be the choreo.Tx, annotated {tx_hint!r}")
+    if emits is not None:
+        emitted = frozenset(emits)
+        for event_type in emitted:
+            if not is_event_type(event_type):
+                raise SetupError(f"{where}: emits= lists {event_type!r}, which is not a concrete event")
+    elif "return" in hints:
+        emitted = frozenset(_event_types_in(hints["return"], where, allow_none=True))
+    else:
+        raise SetupError(
+            f"{where} must declare what it emits: a return annotation such as "
+            "`-> CreditReserved | CreditLimitExceeded` (`-> None` if nothing), or emits=[...]"
+        )
+    return Handler(
+        name=name or f"{service}.{func.__name__}",
+        func=func,
+        event_types=tuple(event_types),
+        emits=emitted,
+        max_attempts=max_attempts,
+    )
+
+
+def _event_types_in(annotation: Any, where: str, *, allow_none: bool) -> set[type[Event]]:
+    """The event classes named by an annotation: `A`, `A | B | None`, `list[A | B]`, ..."""
+    if annotation is None or annotation is type(None):
+        if allow_none:
+            return set()
+        raise SetupError(f"{where}: None is not an event type")
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        found: set[type[Event]] = set()
+        for arg in typing.get_args(annotation):
+            found |= _event_types_in(arg, where, allow_none=allow_none)
+        return found
+    if origin in (list, tuple, set, frozenset) or (
+        origin is not None and origin.__module__ == "collections.abc"
+    ):
+        found = set()
+        for arg in typing.get_args(annotation):
+            if arg is not Ellipsis:
+                found |= _event_types_in(arg, where, allow_none=allow_none)
+        return found
+    if is_event_type(annotation):
+        return {annotation}
+    if isinstance(annotation, type) and issubclass(annotation, Event):
+        raise SetupError(f"{where}: {annotation.__qualname__} is an abstract event; name the concrete ones")
+    raise SetupError(f"{where}: annotation {annotation!r} is not an event type, a union or a list of them")

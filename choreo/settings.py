@@ -1,0 +1,138 @@
+"""Service settings from arguments or the environment.
+
+Lookup order for each setting: the `Service(...)` argument, then `CHOREO_<SERVICE>_<NAME>`
+(e.g. `CHOREO_ORDERS_DATABASE_URL`, so several services can share one environment), then
+`CHOREO_<NAME>`, then the conventional unprefixed variable where one exists
+(`DATABASE_URL`, `KAFKA_BOOTSTRAP_SERVERS`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from choreo.exceptions import ConfigurationError
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def lookup(
+    name: str, service: str, env: Mapping[str, str], *, fallback: str | None = None
+) -> tuple[str, str] | None:
+    """(variable, value) of the first variable set for setting `name`, or None."""
+    candidates = [f"CHOREO_{service.upper().replace('-', '_')}_{name}", f"CHOREO_{name}"]
+    if fallback:
+        candidates.append(fallback)
+    for variable in candidates:
+        value = env.get(variable)
+        if value:
+            return variable, value
+    return None
+
+
+def _int(name: str, service: str, env: Mapping[str, str], default: int, minimum: int) -> int:
+    found = lookup(name, service, env)
+    if found is None:
+        return default
+    variable, raw = found
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{variable}={raw!r} must be a whole number") from None
+    if value < minimum:
+        raise ConfigurationError(f"{variable}={value} must be at least {minimum}")
+    return value
+
+
+def _bool(name: str, service: str, env: Mapping[str, str], default: bool) -> bool:
+    found = lookup(name, service, env)
+    if found is None:
+        return default
+    variable, raw = found
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{variable}={raw!r} must be true or false (1/0, yes/no)")
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """How a service reaches Kafka."""
+
+    bootstrap_servers: str = "localhost:9092"
+    fetch_max_wait_ms: int = 500
+    idempotence: bool = True
+    partitions: int | None = None
+    """Partition count for topics choreo creates; None leaves it to the broker's default."""
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    topic_prefix: str = ""
+    """Prepended to every topic on the wire, so several environments can share a cluster."""
+    client_options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for FastStream's KafkaBroker (e.g. `ssl_context`)."""
+
+    @classmethod
+    def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> KafkaSettings:
+        """Read `CHOREO_KAFKA_*` (and `KAFKA_BOOTSTRAP_SERVERS`) for `service`."""
+        env = os.environ if env is None else env
+        servers = lookup("KAFKA_BOOTSTRAP_SERVERS", service, env, fallback="KAFKA_BOOTSTRAP_SERVERS")
+        protocol = lookup("KAFKA_SECURITY_PROTOCOL", service, env)
+        mechanism = lookup("KAFKA_SASL_MECHANISM", service, env)
+        username = lookup("KAFKA_SASL_USERNAME", service, env)
+        password = lookup("KAFKA_SASL_PASSWORD", service, env)
+        partitions = lookup("KAFKA_PARTITIONS", service, env)
+        prefix = lookup("KAFKA_TOPIC_PREFIX", service, env)
+        settings = cls(
+            bootstrap_servers=servers[1] if servers else cls.bootstrap_servers,
+            fetch_max_wait_ms=_int("KAFKA_FETCH_MAX_WAIT_MS", service, env, 500, 0),
+            idempotence=_bool("KAFKA_IDEMPOTENCE", service, env, True),
+            partitions=_int("KAFKA_PARTITIONS", service, env, 1, 1) if partitions else None,
+            security_protocol=protocol[1].upper() if protocol else "PLAINTEXT",
+            sasl_mechanism=mechanism[1].upper() if mechanism else None,
+            sasl_username=username[1] if username else None,
+            sasl_password=password[1] if password else None,
+            topic_prefix=prefix[1] if prefix else "",
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ConfigurationError naming the setting to fix."""
+        if not self.bootstrap_servers.strip():
+            raise ConfigurationError("KAFKA_BOOTSTRAP_SERVERS is empty; set it to host:port[,host:port]")
+        for server in self.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigurationError(
+                    f"Kafka bootstrap server {server.strip()!r} is not host:port "
+                    "(CHOREO_KAFKA_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS)"
+                )
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise ConfigurationError(
+                f"CHOREO_KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}: use one of "
+                f"{', '.join(SECURITY_PROTOCOLS)}"
+            )
+        if self.security_protocol.startswith("SASL"):
+            if self.sasl_mechanism not in SASL_MECHANISMS:
+                raise ConfigurationError(
+                    f"{self.security_protocol} needs CHOREO_KAFKA_SASL_MECHANISM, one of "
+                    f"{', '.join(SASL_MECHANISMS)} (got {self.sasl_mechanism!r})"
+                )
+            if not self.sasl_username or not self.sasl_password:
+                raise ConfigurationError(
+                    f"{self.security_protocol} needs CHOREO_KAFKA_SASL_USERNAME and "
+                    "CHOREO_KAFKA_SASL_PASSWORD"
+                )
+
+
+def database_url(service: str, env: Mapping[str, str] | None = None) -> str:
+    """The service's database URL from the environment, else a SQLite file named after it."""
+    env = os.environ if env is None else env
+    found = lookup("DATABASE_URL", service, env, fallback="DATABASE_URL")
+    return found[1] if found else f"sqlite+aiosqlite:///{service}.db"

@@ -1,0 +1,112 @@
+"""choreo's own tables, created in every service's database.
+
+They live in their own `metadata` (not SQLModel's global one) so each service database gets
+exactly its tables; an Alembic env.py adds it to `target_metadata` beside the application's.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData
+from sqlalchemy import String, Text, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import registry
+from sqlmodel import Field, SQLModel
+
+metadata = MetaData()
+"""The metadata holding choreo's tables (`choreo_outbox`, `choreo_inbox`, `choreo_dead_letter`)."""
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("choreo stores timezone-aware datetimes only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class _ChoreoTable(SQLModel, registry=registry(metadata=metadata)):
+    pass
+
+
+class OutboxRow(_ChoreoTable, table=True):
+    """An event waiting for (or past) publication; `id` fixes the publication order."""
+
+    __tablename__ = "choreo_outbox"
+    __table_args__ = (
+        # The relay's only query: unpublished rows in id order. A partial index stays small.
+        Index(
+            "ix_choreo_outbox_unpublished",
+            "id",
+            postgresql_where=Column("published_at").is_(None),
+            sqlite_where=Column("published_at").is_(None),
+        ),
+        Index("ix_choreo_outbox_published_at", "published_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(_BigId, primary_key=True, autoincrement=True))
+    event_id: str = Field(sa_type=String(64), unique=True)
+    topic: str = Field(sa_type=String(249))
+    key: str | None = Field(default=None, sa_type=String(255))
+    event_type: str = Field(sa_type=String(255))
+    event_version: int
+    saga_id: str = Field(sa_type=String(64))
+    headers: dict[str, str] = Field(sa_type=JSON)
+    payload: bytes = Field(sa_type=LargeBinary)
+    created_at: datetime = Field(sa_type=UtcDateTime)
+    available_at: datetime = Field(sa_type=UtcDateTime)
+    published_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+
+class InboxRow(_ChoreoTable, table=True):
+    """Marks a consumed event as processed by one handler; its key is the dedup key."""
+
+    __tablename__ = "choreo_inbox"
+
+    consumer: str = Field(sa_type=String(255), primary_key=True)
+    event_id: str = Field(sa_type=String(64), primary_key=True)
+    processed_at: datetime = Field(sa_type=UtcDateTime, index=True)
+
+
+class DeadLetter(_ChoreoTable, table=True):
+    """A record that could not be processed, kept with everything needed to replay it."""
+
+    __tablename__ = "choreo_dead_letter"
+
+    id: int | None = Field(default=None, sa_column=Column(_BigId, primary_key=True, autoincrement=True))
+    consumer: str = Field(sa_type=String(255), index=True)
+    topic: str = Field(sa_type=String(249))
+    partition: int
+    offset: int = Field(sa_type=BigInteger)
+    key: bytes | None = Field(default=None, sa_type=LargeBinary)
+    headers: dict[str, Any] = Field(sa_type=JSON)
+    payload: bytes = Field(sa_type=LargeBinary)
+    event_id: str | None = Field(default=None, sa_type=String(64))
+    event_type: str | None = Field(default=None, sa_type=String(255))
+    saga_id: str | None = Field(default=None, sa_type=String(64), index=True)
+    reason: str = Field(sa_type=String(64))
+    error: str = Field(sa_type=Text)
+    traceback: str | None = Field(default=None, sa_type=Text)
+    attempts: int
+    first_failed_at: datetime = Field(sa_type=UtcDateTime)
+    last_failed_at: datetime = Field(sa_type=UtcDateTime)
+    status: str = Field(default="parked", sa_type=String(16), index=True)
+    resolved_at: datetime | None = Field(default=None, sa_type=UtcDateTime)

@@ -1,0 +1,110 @@
+"""The unit of work: one local transaction holding business rows, the inbox mark and the
+events to publish. Handlers receive it as `tx`; scripts and HTTP endpoints open one with
+`service.transaction()`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from choreo.envelope import Envelope, utcnow
+from choreo.events import Event, describe, is_event_type
+from choreo.exceptions import UndeclaredEmitError
+from choreo.outbox import PendingEvent
+
+
+class Tx:
+    """One local transaction: `session` for business rows, `emit()` for events."""
+
+    def __init__(
+        self,
+        session: AsyncSession,
+        *,
+        service: str,
+        saga_id: str,
+        cause: Envelope | None = None,
+        handler: str | None = None,
+        allowed: frozenset[type[Event]] | None = None,
+    ) -> None:
+        self.session = session
+        self.service = service
+        self.saga_id = saga_id
+        self.cause = cause
+        self.handler = handler
+        self._allowed = allowed
+        self._pending: list[PendingEvent] = []
+
+    @property
+    def pending(self) -> list[PendingEvent]:
+        """The events emitted so far, in emit order."""
+        return list(self._pending)
+
+    def emit(
+        self,
+        event: Event,
+        *,
+        key: str | None = None,
+        at: datetime | None = None,
+        delay: timedelta | None = None,
+    ) -> str:
+        """Queue `event` for publication when this transaction commits; returns its event id.
+
+        `key` overrides the Kafka key (default: the event's key field, else the saga id).
+        `at` or `delay` schedule it: the relay publishes it no earlier than that.
+        """
+        event_type = type(event)
+        if not is_event_type(event_type):
+            raise TypeError(
+                f"emit() takes an instance of a choreo.Event subclass with name= and topic=, "
+                f"got {event!r}"
+            )
+        if self._allowed is not None and event_type not in self._allowed:
+            declared = ", ".join(sorted(describe(t) for t in self._allowed)) or "nothing"
+            raise UndeclaredEmitError(
+                f"handler {self.handler} emitted {describe(event_type)} but declares only "
+                f"{declared}; add it to the return annotation or emits="
+            )
+        if at is not None and delay is not None:
+            raise ValueError("emit() takes at= or delay=, not both")
+        if at is not None and at.tzinfo is None:
+            raise ValueError("emit(at=...) needs a timezone-aware datetime")
+        now = utcnow()
+        envelope = Envelope(
+            event_type=event_type.event_name,
+            event_version=event_type.event_version,
+            saga_id=self.saga_id,
+            producer=self.service,
+            causation_id=self.cause.event_id if self.cause else None,
+            handler=self.handler,
+            occurred_at=now,
+        )
+        available_at = at if at is not None else now + (delay or timedelta(0))
+        self._pending.append(
+            PendingEvent(
+                event=event,
+                envelope=envelope,
+                topic=event_type.event_topic,
+                key=key if key is not None else event.kafka_key(self.saga_id),
+                available_at=available_at,
+            )
+        )
+        return envelope.event_id
+
+    def emit_result(self, result: object) -> None:
+        """Emit what a handler returned: None, one event, or an iterable of events."""
+        if result is None:
+            return
+        if isinstance(result, Event):
+            self.emit(result)
+            return
+        if isinstance(result, Iterable) and not isinstance(result, (str, bytes)):
+            for item in result:
+                if not isinstance(item, Event):
+                    raise TypeError(f"handler {self.handler} returned {item!r} among its events")
+                self.emit(item)
+            return
+        raise TypeError(
+            f"handler {self.handler} returned {result!r}; return None, an event or a list of events"
+        )
