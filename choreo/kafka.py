@@ -112,11 +112,12 @@ class KafkaTransport:
             existing = set(await admin.list_topics())
             missing = [name for name in names if name not in existing]
             if missing:
+                # -1 asks the broker for its defaults (num.partitions, default.replication.factor);
+                # aiokafka accepts -1 only beside an (empty) replica assignment.
                 partitions = self.settings.partitions or -1
+                topics = [NewTopic(name, partitions, -1, replica_assignments={}) for name in missing]
                 try:
-                    await admin.create_topics(
-                        [NewTopic(name, num_partitions=partitions, replication_factor=-1) for name in missing]
-                    )
+                    await admin.create_topics(topics)
                 except TopicAlreadyExistsError:
                     pass  # another service created it meanwhile
         finally:

@@ -106,6 +106,9 @@ class Relay:
                         await self._lead(conn)
                     finally:
                         self.stats.is_leader = False
+                        # The advisory lock belongs to the server session, which a connection
+                        # pool would keep alive: close it so a standby can take over at once.
+                        await conn.invalidate()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - the relay must outlive any outage

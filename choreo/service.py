@@ -16,6 +16,7 @@ import types
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import MetaData
@@ -29,6 +30,7 @@ from choreo.events import Event, EventRegistry, describe, is_event_type
 from choreo.exceptions import SetupError
 from choreo.kafka import KafkaTransport
 from choreo.relay import Relay
+from choreo.saga import Saga, saga_from
 from choreo.settings import KafkaSettings, database_url
 from choreo.tx import Tx
 
@@ -66,6 +68,7 @@ class Service:
         """Application tables created in this service's database on start, beside choreo's."""
         self.registry = EventRegistry()
         self.handlers: list[Handler] = []
+        self.sagas: list[Saga] = []
         self._database_url = database_url
         self._kafka = kafka
         self._engine: AsyncEngine | None = None
@@ -113,6 +116,28 @@ class Service:
         for event_type in event_types:
             self.registry.add(event_type)
 
+    def saga(
+        self,
+        name: str,
+        *,
+        starts: type[Event],
+        ends: Iterable[type[Event]],
+        deadline: timedelta | None = None,
+        on_deadline: Callable[[Any], Event] | None = None,
+        timeout_event: type[Event] | None = None,
+    ) -> Saga:
+        """Declare a saga this service starts (see `choreo.saga`); returns it."""
+        self._ensure_open(name)
+        saga = saga_from(
+            name, starts=starts, ends=ends, deadline=deadline, on_deadline=on_deadline,
+            timeout_event=timeout_event,
+        )
+        if any(s.name == name or s.starts is starts for s in self.sagas):
+            raise SetupError(f"{self.name} already declares a saga named {name!r} or started by {starts!r}")
+        self.declare(starts, *([timeout_event] if timeout_event else []))
+        self.sagas.append(saga)
+        return saga
+
     def _ensure_open(self, what: object) -> None:
         if self._started:
             raise SetupError(f"{self.name} is already running; register {what!r} before start()")
@@ -137,6 +162,13 @@ class Service:
         if self._engine is None:
             raise SetupError(f"{self.name} has not started: call `await service.start()` first")
         return self._engine
+
+    @property
+    def transport(self) -> KafkaTransport:
+        """The service's Kafka connection (after `start()`)."""
+        if self._transport is None:
+            raise SetupError(f"{self.name} has not started: call `await service.start()` first")
+        return self._transport
 
     @property
     def relay(self) -> Relay | None:
@@ -243,7 +275,15 @@ class Service:
     ) -> AsyncIterator[Tx]:
         async with AsyncSession(self.engine, expire_on_commit=False) as session:
             async with session.begin():
-                tx = Tx(session, service=self.name, saga_id=saga_id, cause=cause, handler=handler, allowed=allowed)
+                tx = Tx(
+                    session,
+                    service=self.name,
+                    saga_id=saga_id,
+                    cause=cause,
+                    handler=handler,
+                    allowed=allowed,
+                    sagas=self.sagas,
+                )
                 yield tx
                 # Written last, on the same session: business rows, inbox row and events
                 # commit together or not at all.

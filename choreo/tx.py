@@ -4,7 +4,7 @@ events to publish. Handlers receive it as `tx`; scripts and HTTP endpoints open 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,6 +13,7 @@ from choreo.envelope import Envelope, utcnow
 from choreo.events import Event, describe, is_event_type
 from choreo.exceptions import UndeclaredEmitError
 from choreo.outbox import PendingEvent
+from choreo.saga import Saga
 
 
 class Tx:
@@ -27,6 +28,7 @@ class Tx:
         cause: Envelope | None = None,
         handler: str | None = None,
         allowed: frozenset[type[Event]] | None = None,
+        sagas: Sequence[Saga] = (),
     ) -> None:
         self.session = session
         self.service = service
@@ -34,6 +36,7 @@ class Tx:
         self.cause = cause
         self.handler = handler
         self._allowed = allowed
+        self._sagas = {saga.starts: saga for saga in sagas}
         self._pending: list[PendingEvent] = []
 
     @property
@@ -90,6 +93,13 @@ class Tx:
                 available_at=available_at,
             )
         )
+        saga = self._sagas.get(event_type)
+        if saga is not None and saga.deadline is not None and saga.on_deadline is not None:
+            # The deadline travels in the same transaction as the start: a saga can never
+            # start without its timeout being scheduled.
+            timeout = saga.on_deadline(event)
+            self._allowed = None if self._allowed is None else self._allowed | {type(timeout)}
+            self.emit(timeout, at=now + saga.deadline)
         return envelope.event_id
 
     def emit_result(self, result: object) -> None:

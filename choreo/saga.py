@@ -1,0 +1,79 @@
+"""Saga declarations: metadata for tracing, checking and deadlines, never a coordinator.
+
+    order_saga = orders.saga(
+        "order",
+        starts=OrderCreated,
+        ends={OrderApproved, OrderRejected},
+        deadline=timedelta(seconds=30),
+        on_deadline=lambda started: OrderExpired(order_id=started.order_id),
+    )
+
+When a transaction emits the `starts` event, the same transaction schedules the event
+returned by `on_deadline` in the starting service's outbox, due at the deadline. The relay
+publishes it then like any other event; the service's own handler for it decides whether the
+saga is still open (e.g. reject a pending order) or long finished (do nothing).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from choreo.events import Event, describe, is_event_type
+from choreo.exceptions import SetupError
+
+_SAGA_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Saga:
+    """A business transaction that starts with one event and ends with one of several."""
+
+    name: str
+    starts: type[Event]
+    ends: frozenset[type[Event]]
+    deadline: timedelta | None = None
+    on_deadline: Callable[[Any], Event] | None = field(default=None, compare=False)
+    timeout_event: type[Event] | None = None
+
+    def __post_init__(self) -> None:
+        where = f"saga {self.name!r}"
+        if not _SAGA_NAME.match(self.name):
+            raise SetupError(f"{where}: name must be lowercase, e.g. 'order'")
+        for event_type in (self.starts, *self.ends):
+            if not is_event_type(event_type):
+                raise SetupError(f"{where}: {event_type!r} is not a concrete choreo.Event")
+        if not self.ends:
+            raise SetupError(f"{where}: ends= must name at least one event that finishes it")
+        if self.starts in self.ends:
+            raise SetupError(f"{where}: {describe(self.starts)} cannot both start and end it")
+        if (self.deadline is None) != (self.on_deadline is None):
+            raise SetupError(
+                f"{where}: deadline= and on_deadline= go together (on_deadline builds the "
+                "timeout event from the starting event)"
+            )
+        if self.deadline is not None and self.deadline <= timedelta(0):
+            raise SetupError(f"{where}: deadline must be positive")
+        if self.on_deadline is not None and self.timeout_event is None:
+            raise SetupError(f"{where}: name the timeout event's class with timeout_event=")
+
+    @property
+    def end_names(self) -> frozenset[str]:
+        """Wire names of the ending events."""
+        return frozenset(t.event_name for t in self.ends)
+
+
+def saga_from(
+    name: str,
+    *,
+    starts: type[Event],
+    ends: Iterable[type[Event]],
+    deadline: timedelta | None = None,
+    on_deadline: Callable[[Any], Event] | None = None,
+    timeout_event: type[Event] | None = None,
+) -> Saga:
+    """Build a Saga from keyword arguments (accepting any iterable of ending events)."""
+    return Saga(name, starts, frozenset(ends), deadline, on_deadline, timeout_event)
