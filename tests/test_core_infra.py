@@ -68,8 +68,11 @@ async def test_two_services_play_a_saga_through_kafka(database: DatabaseFactory,
             return all([await order_status(toy.shop, f"o{i}") != "PENDING" for i in range(3)])
 
         await eventually(all_final)
-        assert [await order_status(toy.shop, f"o{i}") for i in range(3)] == ["CONFIRMED", "CONFIRMED", "REJECTED"]
-        assert sorted(r.order_id for r in await reservations(toy.stock)) == ["o0", "o1"]
+        # Sagas run on different keys, hence partitions: which two win the stock is not fixed.
+        statuses = {f"o{i}": await order_status(toy.shop, f"o{i}") for i in range(3)}
+        confirmed = sorted(o for o, status in statuses.items() if status == "CONFIRMED")
+        assert sorted(statuses.values()) == ["CONFIRMED", "CONFIRMED", "REJECTED"]
+        assert sorted(r.order_id for r in await reservations(toy.stock)) == confirmed
         stock_events = await records_on(kafka_settings, "toy-stock", 3)
         by_saga = {dict(r.headers)["choreo-saga-id"].decode() for r in stock_events}
         assert by_saga == set(sagas)

@@ -1,0 +1,1 @@
+"""Local infrastructure for tests and benchmarks: Apache Kafka from Maven Central jars."""
