@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 import re
@@ -23,6 +25,7 @@ from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from choreo import deadletters, outbox, tables
+from choreo.cleanup import Retention, run_cleaner
 from choreo.consumer import Consumer, Handler, RetryPolicy
 from choreo.database import create_engine
 from choreo.envelope import Envelope, new_id, utcnow
@@ -31,7 +34,7 @@ from choreo.exceptions import SetupError
 from choreo.kafka import KafkaTransport
 from choreo.relay import Relay
 from choreo.saga import Saga, saga_from
-from choreo.settings import KafkaSettings, database_url
+from choreo.settings import KafkaSettings, database_url, retention_from_env
 from choreo.tx import Tx
 
 log = logging.getLogger("choreo.service")
@@ -54,6 +57,7 @@ class Service:
         retry: RetryPolicy | None = None,
         relay: bool = True,
         group_id: str | None = None,
+        retention: Retention | None = None,
     ) -> None:
         if not _SERVICE_NAME.match(name):
             raise SetupError(
@@ -64,6 +68,8 @@ class Service:
         self.group_id = group_id or name
         self.retry = retry or RetryPolicy()
         self.run_relay = relay
+        self._retention = retention
+        self._cleaner: asyncio.Task[None] | None = None
         self.metadata = [metadata] if isinstance(metadata, MetaData) else list(metadata)
         """Application tables created in this service's database on start, beside choreo's."""
         self.registry = EventRegistry()
@@ -218,11 +224,18 @@ class Service:
         if self.run_relay if relay is None else relay:
             self._relay = Relay(self._engine, self._transport, name=self.name)
             self._relay.start()
+        retention = self._retention or retention_from_env(self.name)
+        self._cleaner = asyncio.create_task(run_cleaner(self._engine, retention, self.name))
         self._started = True
         log.info("%s started: consuming %s", self.name, ", ".join(self.subscribed_topics) or "nothing")
 
     async def stop(self) -> None:
         """Stop consuming and relaying, and close connections. Safe to call twice."""
+        if self._cleaner is not None:
+            self._cleaner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleaner
+            self._cleaner = None
         if self._relay is not None:
             await self._relay.stop()
             self._relay = None

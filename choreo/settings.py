@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from choreo.cleanup import Retention, parse_duration
 from choreo.exceptions import ConfigurationError
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -129,6 +130,17 @@ class KafkaSettings:
                     f"{self.security_protocol} needs CHOREO_KAFKA_SASL_USERNAME and "
                     "CHOREO_KAFKA_SASL_PASSWORD"
                 )
+
+
+def retention_from_env(service: str, env: Mapping[str, str] | None = None) -> Retention:
+    """Retention from `CHOREO_OUTBOX_RETENTION` / `CHOREO_INBOX_RETENTION` (e.g. 7d, 12h)."""
+    env = os.environ if env is None else env
+    durations = {}
+    for name, field_name in (("OUTBOX_RETENTION", "outbox"), ("INBOX_RETENTION", "inbox")):
+        found = lookup(name, service, env)
+        if found:
+            durations[field_name] = parse_duration(found[1], found[0])
+    return Retention(**durations)
 
 
 def database_url(service: str, env: Mapping[str, str] | None = None) -> str:
