@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
@@ -28,6 +28,8 @@ from choreo.kafka import Record
 from choreo.tx import Tx
 
 log = logging.getLogger("choreo.consumer")
+
+Outcome = Literal["handled", "duplicate", "dead-lettered", "skipped"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,10 @@ class Consumer:
 
     async def on_record(self, record: Record) -> None:
         """Process `record` to one of its final outcomes; returns only when that is durable."""
+        await self.process(record)
+
+    async def process(self, record: Record, only: str | None = None) -> list[Outcome]:
+        """Process `record` (for handler `only`, if given); one outcome per handler run."""
         try:
             if len(record.value) > self.policy.max_record_bytes:
                 raise RejectedRecord(
@@ -123,14 +129,12 @@ class Consumer:
                 )
             envelope = Envelope.from_headers(decode_headers(record.headers))
         except RejectedRecord as rejected:
-            await self._park(record, self.service, rejected.reason, str(rejected), None, 1, utcnow())
-            return
-        handlers = self._by_name.get(envelope.event_type)
+            return [await self._park(record, self.service, rejected.reason, str(rejected), None, 1, utcnow())]
+        handlers = [h for h in self._by_name.get(envelope.event_type, ()) if only in (None, h.name)]
         if not handlers:
             self._skip(envelope)
-            return
-        for handler in handlers:
-            await self._dispatch(handler, record, envelope)
+            return ["skipped"]
+        return [await self._dispatch(handler, record, envelope) for handler in handlers]
 
     def _skip(self, envelope: Envelope) -> None:
         # Topics carry every event of their producer; those this service does not handle
@@ -143,11 +147,11 @@ class Consumer:
             self.stats.unknown_types.add(envelope.event_type)
             log.info("%s: ignoring unknown event type %r", self.service, envelope.event_type)
 
-    async def _dispatch(self, handler: Handler, record: Record, envelope: Envelope) -> None:
+    async def _dispatch(self, handler: Handler, record: Record, envelope: Envelope) -> Outcome:
         event_type = handler.event_type_for(envelope.event_type, envelope.event_version)
         if event_type is None:
             known = sorted(t.event_version for t in handler.event_types if t.event_name == envelope.event_type)
-            await self._park(
+            return await self._park(
                 record,
                 handler.name,
                 "unknown-version",
@@ -156,18 +160,16 @@ class Consumer:
                 1,
                 utcnow(),
             )
-            return
         try:
             event = event_type.model_validate_json(record.value)
         except ValidationError as invalid:
             reason = "invalid-json" if invalid.errors()[0]["type"] == "json_invalid" else "schema-violation"
-            await self._park(record, handler.name, reason, str(invalid), None, 1, utcnow())
-            return
-        await self._run_with_retries(handler, event, envelope, record)
+            return await self._park(record, handler.name, reason, str(invalid), None, 1, utcnow())
+        return await self._run_with_retries(handler, event, envelope, record)
 
     async def _run_with_retries(
         self, handler: Handler, event: Event, envelope: Envelope, record: Record
-    ) -> None:
+    ) -> Outcome:
         limit = handler.max_attempts or self.policy.max_attempts
         attempts = transient = 0
         first_failed_at: datetime | None = None
@@ -186,7 +188,7 @@ class Consumer:
                 attempts += 1
                 if attempts >= limit:
                     log.error("%s failed %d times, dead-lettering: %r", handler.name, attempts, error)
-                    await self._park(
+                    return await self._park(
                         record,
                         handler.name,
                         "handler-error",
@@ -195,16 +197,15 @@ class Consumer:
                         attempts,
                         first_failed_at,
                     )
-                    return
                 self.stats.retried += 1
                 log.warning("%s failed (attempt %d of %d): %r", handler.name, attempts, limit, error)
                 await asyncio.sleep(self.policy.backoff(attempts))
                 continue
             if processed:
                 self.stats.handled += 1
-            else:
-                self.stats.duplicates += 1
-            return
+                return "handled"
+            self.stats.duplicates += 1
+            return "duplicate"
 
     async def _run_once(self, handler: Handler, event: Event, envelope: Envelope) -> bool:
         async with self._unit_of_work(
@@ -226,7 +227,7 @@ class Consumer:
         trace: str | None,
         attempts: int,
         first_failed_at: datetime,
-    ) -> None:
+    ) -> Outcome:
         failures = 0
         while True:
             try:
@@ -252,4 +253,4 @@ class Consumer:
             log.warning(
                 "%s: dead-lettered %s/%d/%d (%s)", consumer, record.topic, record.partition, record.offset, reason
             )
-            return
+            return "dead-lettered"

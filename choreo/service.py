@@ -186,12 +186,18 @@ class Service:
         """The record dispatcher, when running."""
         return self._consumer
 
-    async def start(self, *, consume: bool = True, relay: bool | None = None) -> None:
+    async def start(self, *, consume: bool = True, relay: bool | None = None, kafka: bool = True) -> None:
         """Open the database (creating tables), then start consuming and relaying.
 
         `consume=False` runs only the relay (`choreo relay`); `relay=False` only the consumer.
+        `kafka=False` opens the database alone, for tools and scripts: events they emit wait
+        in the outbox until a running instance of the service relays them.
         """
         if self._started:
+            return
+        if not kafka:
+            await self._open(ensure_topics=False, consume=False)
+            self._started = True
             return
         await self._open(ensure_topics=True, consume=consume)
         await self._launch(start_transport=True, relay=relay)

@@ -194,3 +194,30 @@ async def test_a_rolled_back_handler_leaves_no_trace(tmp_path: Path) -> None:
         assert await count(service, InboxRow) == 0
         assert await count(service, OutboxRow, OutboxRow.topic == "mem-out") == 0
         assert await count(service, DeadLetter) == 1
+
+
+async def test_a_replayed_letter_succeeds_once_and_stays_auditable(tmp_path: Path) -> None:
+    from choreo import dlq
+
+    failures = {"late": 1000, "gone": 1000}
+    service = flaky_service(tmp_path, failures)
+    async with in_memory(service):
+        await consumer_of(service).on_record(record_of(Flaky(label="late"), saga_id="s-late"))
+        await consumer_of(service).on_record(record_of(Flaky(label="gone"), saga_id="s-gone"))
+        (letter,) = await dlq.letters(service, saga_id="s-late")
+        failures["late"] = 0  # the cause is fixed
+        results = await dlq.replay(service, [letter])
+        assert [(r.letter_id, r.outcome) for r in results] == [(letter.id, "handled")]
+        assert await dlq.replay(service, await dlq.letters(service, status=None, ids=[letter.id])) == [
+            dlq.ReplayResult(letter.id, "not-parked")  # type: ignore[arg-type]
+        ]
+        (gone,) = await dlq.letters(service, saga_id="s-gone")
+        assert await dlq.discard(service, [gone]) == [gone.id]
+        statuses = {d.saga_id: d.status for d in await dlq.letters(service, status=None)}
+        assert statuses == {"s-late": "replayed", "s-gone": "discarded"}
+        async with service.engine.connect() as conn:
+            rows = (await conn.execute(select(OutboxRow.__table__).where(OutboxRow.topic == "mem-out"))).all()
+        assert [(r.saga_id, r.headers["choreo-causation-id"]) for r in rows] == [("s-late", letter.event_id)]
+        # Replaying the same record again is absorbed by the inbox.
+        again = await consumer_of(service).process(record_of(Flaky(label="late"), saga_id="s-late", event_id=letter.event_id))
+        assert again == ["duplicate"]

@@ -1,0 +1,102 @@
+"""Operating dead letters: list, show, replay and discard them. Nothing is ever deleted.
+
+Replay sends the stored record through the service's normal unit of work, for the handler
+that failed on it: the inbox keeps it idempotent, and saga and causation ids come from the
+record's own headers. A replay that fails again parks a new letter; the old one stays as
+`replayed`, so the history of a record is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from choreo.envelope import utcnow
+from choreo.exceptions import ChoreoError
+from choreo.kafka import Record
+from choreo.service import Service
+from choreo.tables import DeadLetter
+
+STATUSES = ("parked", "replayed", "discarded")
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What happened to one letter on replay."""
+
+    letter_id: int
+    outcome: str
+    """handled, duplicate, dead-lettered (failed again), skipped, or not-parked."""
+
+
+async def letters(
+    service: Service,
+    *,
+    status: str | None = "parked",
+    saga_id: str | None = None,
+    consumer: str | None = None,
+    ids: Sequence[int] = (),
+    limit: int = 100,
+) -> list[DeadLetter]:
+    """Dead letters of `service`, newest first, filtered."""
+    if status is not None and status not in STATUSES:
+        raise ChoreoError(f"unknown dead-letter status {status!r}; use one of {', '.join(STATUSES)}")
+    query = select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)  # type: ignore[union-attr]
+    if status is not None:
+        query = query.where(DeadLetter.status == status)
+    if saga_id is not None:
+        query = query.where(DeadLetter.saga_id == saga_id)
+    if consumer is not None:
+        query = query.where(DeadLetter.consumer == consumer)
+    if ids:
+        query = query.where(DeadLetter.id.in_(ids))  # type: ignore[union-attr]
+    async with AsyncSession(service.engine) as session:
+        return list((await session.execute(query)).scalars())
+
+
+async def replay(service: Service, selected: Sequence[DeadLetter]) -> list[ReplayResult]:
+    """Run each parked letter through its handler again; mark it replayed."""
+    consumer = service.consumer
+    if consumer is None:
+        raise ChoreoError(f"{service.name} is not open: `await service.start(kafka=False)` first")
+    results = []
+    for letter in selected:
+        assert letter.id is not None
+        if letter.status != "parked":
+            results.append(ReplayResult(letter.id, "not-parked"))
+            continue
+        record = Record(
+            topic=letter.topic,
+            partition=letter.partition,
+            offset=letter.offset,
+            key=letter.key,
+            value=letter.payload,
+            headers=tuple((name, str(value).encode()) for name, value in letter.headers.items()),
+        )
+        # A letter parked for the whole record (bad headers) names the service, not a handler.
+        only = None if letter.consumer == service.name else letter.consumer
+        outcomes = await consumer.process(record, only=only)
+        await _resolve(service, [letter.id], "replayed")
+        results.append(ReplayResult(letter.id, outcomes[0] if len(outcomes) == 1 else ",".join(outcomes)))
+    return results
+
+
+async def discard(service: Service, selected: Sequence[DeadLetter]) -> list[int]:
+    """Mark parked letters discarded (kept for audit, never replayed); returns their ids."""
+    ids = [letter.id for letter in selected if letter.status == "parked" and letter.id is not None]
+    await _resolve(service, ids, "discarded")
+    return ids
+
+
+async def _resolve(service: Service, ids: Sequence[int], status: str) -> None:
+    if not ids:
+        return
+    async with service.engine.begin() as conn:
+        await conn.execute(
+            update(DeadLetter.__table__)
+            .where(DeadLetter.__table__.c.id.in_(ids), DeadLetter.__table__.c.status == "parked")
+            .values(status=status, resolved_at=utcnow())
+        )
