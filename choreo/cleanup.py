@@ -21,12 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from choreo.database import is_transient
 from choreo.envelope import utcnow
 from choreo.exceptions import ConfigurationError
-from choreo.tables import InboxRow, OutboxRow
+from choreo.tables import inbox_table, outbox_table
 
 log = logging.getLogger("choreo.cleanup")
 
-_outbox = OutboxRow.__table__
-_inbox = InboxRow.__table__
+_outbox = outbox_table
+_inbox = inbox_table
 _DURATION = re.compile(r"^(\d+)\s*(s|m|h|d)$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 

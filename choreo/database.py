@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, c
 from sqlalchemy.sql.dml import Insert
 
 from choreo.exceptions import ConfigurationError
-from choreo.tables import InboxRow
+from choreo.tables import inbox_table
 
 NOTIFY_CHANNEL = "choreo_outbox"
 
@@ -72,11 +72,18 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
     return engine
 
 
+def dialect_of(bind: AsyncEngine | AsyncConnection | AsyncSession) -> str:
+    """`postgresql` or `sqlite`."""
+    if isinstance(bind, AsyncSession):
+        engine = bind.bind
+        assert engine is not None, "choreo sessions are always bound to the service engine"
+        return engine.dialect.name
+    return bind.dialect.name
+
+
 def is_postgres(bind: AsyncEngine | AsyncConnection | AsyncSession) -> bool:
     """True when `bind` talks to PostgreSQL."""
-    return bind.bind.dialect.name == "postgresql" if isinstance(bind, AsyncSession) else (
-        bind.dialect.name == "postgresql"
-    )
+    return dialect_of(bind) == "postgresql"
 
 
 def insert_ignoring_duplicates(table: Any, dialect_name: str) -> Insert:
@@ -93,8 +100,8 @@ async def claim_inbox(session: AsyncSession, consumer: str, event_id: str, now: 
     on PostgreSQL, and when a concurrent transaction holds the same key it waits for that
     transaction's outcome instead of processing the event a second time.
     """
-    dialect = session.bind.dialect.name
-    statement = insert_ignoring_duplicates(InboxRow.__table__, dialect).values(
+    dialect = dialect_of(session)
+    statement = insert_ignoring_duplicates(inbox_table, dialect).values(
         consumer=consumer, event_id=event_id, processed_at=now
     )
     result = await session.execute(statement)
@@ -110,7 +117,7 @@ async def lock_keys(session: AsyncSession, keys: Sequence[str]) -> None:
     taken before the insert, makes id order equal commit order for each key. Keys are locked
     in hash order so that two transactions sharing several keys cannot deadlock.
     """
-    if not keys or session.bind.dialect.name != "postgresql":
+    if not keys or not is_postgres(session):
         return
     await session.execute(
         text(
@@ -124,7 +131,7 @@ async def lock_keys(session: AsyncSession, keys: Sequence[str]) -> None:
 
 async def notify_relays(session: AsyncSession) -> None:
     """Wake relays in other processes once this transaction commits (PostgreSQL NOTIFY)."""
-    if session.bind.dialect.name == "postgresql":
+    if is_postgres(session):
         await session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
 
 

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from choreo import outbox
 from choreo.envelope import EVENT_ID, EVENT_TYPE, SAGA_ID, new_id
 from choreo.kafka import Record
-from choreo.tables import DeadLetter
+from choreo.tables import dead_letter_table
 
 REASON = "choreo-dead-letter-reason"
 CONSUMER = "choreo-dead-letter-consumer"
@@ -43,7 +43,7 @@ async def park(
     """Store `record` as a dead letter and queue it for the dead-letter topic, in the caller's txn."""
     headers = _text_headers(record)
     await session.execute(
-        insert(DeadLetter.__table__).values(
+        insert(dead_letter_table).values(
             consumer=consumer,
             topic=record.topic,
             partition=record.partition,

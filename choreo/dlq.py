@@ -18,7 +18,7 @@ from choreo.envelope import utcnow
 from choreo.exceptions import ChoreoError
 from choreo.kafka import Record
 from choreo.service import Service
-from choreo.tables import DeadLetter
+from choreo.tables import DeadLetter, dead_letter_table
 
 STATUSES = ("parked", "replayed", "discarded")
 
@@ -44,15 +44,16 @@ async def letters(
     """Dead letters of `service`, newest first, filtered."""
     if status is not None and status not in STATUSES:
         raise ChoreoError(f"unknown dead-letter status {status!r}; use one of {', '.join(STATUSES)}")
-    query = select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)  # type: ignore[union-attr]
+    columns = dead_letter_table.c
+    query = select(DeadLetter).order_by(columns.id.desc()).limit(limit)
     if status is not None:
-        query = query.where(DeadLetter.status == status)
+        query = query.where(columns.status == status)
     if saga_id is not None:
-        query = query.where(DeadLetter.saga_id == saga_id)
+        query = query.where(columns.saga_id == saga_id)
     if consumer is not None:
-        query = query.where(DeadLetter.consumer == consumer)
+        query = query.where(columns.consumer == consumer)
     if ids:
-        query = query.where(DeadLetter.id.in_(ids))  # type: ignore[union-attr]
+        query = query.where(columns.id.in_(ids))
     async with AsyncSession(service.engine) as session:
         return list((await session.execute(query)).scalars())
 
@@ -96,7 +97,7 @@ async def _resolve(service: Service, ids: Sequence[int], status: str) -> None:
         return
     async with service.engine.begin() as conn:
         await conn.execute(
-            update(DeadLetter.__table__)
-            .where(DeadLetter.__table__.c.id.in_(ids), DeadLetter.__table__.c.status == "parked")
+            update(dead_letter_table)
+            .where(dead_letter_table.c.id.in_(ids), dead_letter_table.c.status == "parked")
             .values(status=status, resolved_at=utcnow())
         )

@@ -86,7 +86,7 @@ class KafkaTransport:
 
         @subscriber
         async def consume(message: KafkaMessage) -> None:
-            raw = message.raw_message
+            raw: Any = message.raw_message  # one ConsumerRecord: this is not a batch subscriber
             await on_record(
                 Record(
                     topic=raw.topic.removeprefix(self.settings.topic_prefix),

@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from choreo.database import lock_keys, notify_relays
 from choreo.envelope import Envelope
 from choreo.events import Event
-from choreo.tables import OutboxRow
+from choreo.tables import outbox_table
 
-_outbox = OutboxRow.__table__
+_outbox = outbox_table
 
 
 @dataclass(frozen=True, slots=True)

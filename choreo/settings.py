@@ -135,12 +135,12 @@ class KafkaSettings:
 def retention_from_env(service: str, env: Mapping[str, str] | None = None) -> Retention:
     """Retention from `CHOREO_OUTBOX_RETENTION` / `CHOREO_INBOX_RETENTION` (e.g. 7d, 12h)."""
     env = os.environ if env is None else env
-    durations = {}
-    for name, field_name in (("OUTBOX_RETENTION", "outbox"), ("INBOX_RETENTION", "inbox")):
-        found = lookup(name, service, env)
-        if found:
-            durations[field_name] = parse_duration(found[1], found[0])
-    return Retention(**durations)
+    default = Retention()
+    outbox, inbox = (lookup(name, service, env) for name in ("OUTBOX_RETENTION", "INBOX_RETENTION"))
+    return Retention(
+        outbox=parse_duration(outbox[1], outbox[0]) if outbox else default.outbox,
+        inbox=parse_duration(inbox[1], inbox[0]) if inbox else default.inbox,
+    )
 
 
 def database_url(service: str, env: Mapping[str, str] | None = None) -> str:

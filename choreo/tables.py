@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData
-from sqlalchemy import String, Text, TypeDecorator
+from sqlalchemy import String, Table, Text, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
@@ -110,3 +110,10 @@ class DeadLetter(_ChoreoTable, table=True):
     last_failed_at: datetime = Field(sa_type=UtcDateTime)
     status: str = Field(default="parked", sa_type=String(16), index=True)
     resolved_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+
+# Core Table objects, for statements on the hot path (SQLModel's class attributes are typed
+# as plain Python values, which SQLAlchemy's typed expressions do not accept).
+outbox_table: Table = OutboxRow.__table__  # type: ignore[attr-defined]
+inbox_table: Table = InboxRow.__table__  # type: ignore[attr-defined]
+dead_letter_table: Table = DeadLetter.__table__  # type: ignore[attr-defined]

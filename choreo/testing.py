@@ -19,7 +19,7 @@ from choreo.envelope import Envelope, new_id
 from choreo.events import Event
 from choreo.kafka import Record
 from choreo.service import Service
-from choreo.tables import OutboxRow
+from choreo.tables import outbox_table
 
 
 @asynccontextmanager
@@ -42,7 +42,7 @@ async def in_memory(*services: Service) -> AsyncIterator[tuple[Service, ...]]:
 async def unpublished(service: Service) -> int:
     """How many outbox rows of `service` are not yet published."""
     async with service.engine.connect() as conn:
-        count = await conn.scalar(select(func.count()).where(OutboxRow.published_at.is_(None)))  # type: ignore[union-attr]
+        count = await conn.scalar(select(func.count()).where(outbox_table.c.published_at.is_(None)))
     return int(count or 0)
 
 

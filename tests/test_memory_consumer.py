@@ -221,3 +221,19 @@ async def test_a_replayed_letter_succeeds_once_and_stays_auditable(tmp_path: Pat
         # Replaying the same record again is absorbed by the inbox.
         again = await consumer_of(service).process(record_of(Flaky(label="late"), saga_id="s-late", event_id=letter.event_id))
         assert again == ["duplicate"]
+
+
+async def test_metrics_and_readiness_report_the_backlog_and_outcomes(tmp_path: Path) -> None:
+    from choreo.health import metrics, readiness
+
+    service = flaky_service(tmp_path, {"bad": 1000})
+    async with in_memory(service):
+        await consumer_of(service).on_record(record_of(Flaky(label="ok")))
+        await consumer_of(service).on_record(record_of(Flaky(label="bad")))
+        text = await metrics(service)
+        assert 'choreo_handled_total{service="flaky"} 1' in text
+        assert 'choreo_dead_lettered_total{service="flaky"} 1' in text
+        assert 'choreo_dead_letters_parked{service="flaky"} 1' in text
+        assert "# TYPE choreo_outbox_backlog gauge" in text
+        report = await readiness(service)
+        assert report["ready"] is True and report["checks"]["database"] == "ok"
