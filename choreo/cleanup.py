@@ -96,7 +96,7 @@ async def run_cleaner(engine: AsyncEngine, retention: Retention, name: str) -> N
     while True:
         try:
             outbox_deleted, inbox_deleted = await purge_once(engine, retention)
-        except Exception as error:  # noqa: BLE001 - an outage only delays the next purge
+        except Exception as error:
             level = logging.DEBUG if is_transient(error) else logging.WARNING
             log.log(level, "%s: cleanup failed: %s", name, error)
         else:

@@ -167,16 +167,14 @@ class Consumer:
             return await self._park(record, handler.name, reason, str(invalid), None, 1, utcnow())
         return await self._run_with_retries(handler, event, envelope, record)
 
-    async def _run_with_retries(
-        self, handler: Handler, event: Event, envelope: Envelope, record: Record
-    ) -> Outcome:
+    async def _run_with_retries(self, handler: Handler, event: Event, envelope: Envelope, record: Record) -> Outcome:
         limit = handler.max_attempts or self.policy.max_attempts
         attempts = transient = 0
         first_failed_at: datetime | None = None
         while True:
             try:
                 processed = await self._run_once(handler, event, envelope)
-            except Exception as error:  # noqa: BLE001 - classified below
+            except Exception as error:
                 first_failed_at = first_failed_at or utcnow()
                 if is_transient(error):
                     # The infrastructure, not the handler, failed: wait it out, never park.
@@ -244,7 +242,7 @@ class Consumer:
                         first_failed_at=first_failed_at,
                         now=utcnow(),
                     )
-            except Exception as failure:  # noqa: BLE001 - a record is never dropped
+            except Exception as failure:
                 failures += 1
                 log.warning("%s: cannot store dead letter yet (%s), retrying", consumer, failure)
                 await asyncio.sleep(self.policy.backoff(failures))

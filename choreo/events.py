@@ -68,9 +68,7 @@ class Event(BaseModel):
         if not isinstance(version, int) or version < 1:
             raise SetupError(f"event {name}: version must be a positive int, got {version!r}")
         if key is not None and key not in cls.model_fields:
-            raise SetupError(
-                f"event {name}: key={key!r} is not one of its fields {sorted(cls.model_fields)}"
-            )
+            raise SetupError(f"event {name}: key={key!r} is not one of its fields {sorted(cls.model_fields)}")
         undone = (compensates,) if isinstance(compensates, type) else tuple(compensates)
         for other in undone:
             if not is_event_type(other):
@@ -107,9 +105,7 @@ class EventRegistry:
     def add(self, event_type: type[Event]) -> None:
         """Register `event_type`; a different class with the same name and version is an error."""
         if not is_event_type(event_type):
-            raise SetupError(
-                f"{event_type!r} is not a concrete event: subclass choreo.Event with name= and topic="
-            )
+            raise SetupError(f"{event_type!r} is not a concrete event: subclass choreo.Event with name= and topic=")
         versions = self._by_name.setdefault(event_type.event_name, {})
         known = versions.get(event_type.event_version)
         if known is not None and known is not event_type:

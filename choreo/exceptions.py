@@ -1,11 +1,11 @@
 """The one exception tree of choreo.
 
-    ChoreoError
-    ├── SetupError (also ValueError)        a service, handler or event is declared wrongly
-    │   └── ConfigurationError              settings or environment cannot be used
-    ├── UndeclaredEmitError (also TypeError) a handler emitted an event it did not declare
-    ├── RejectedRecord                       a consumed record can never be processed (dead letter)
-    └── RelayError                           the relay cannot publish (retried, never raised to users)
+ChoreoError
+├── SetupError (also ValueError)        a service, handler or event is declared wrongly
+│   └── ConfigurationError              settings or environment cannot be used
+├── UndeclaredEmitError (also TypeError) a handler emitted an event it did not declare
+├── RejectedRecord                       a consumed record can never be processed (dead letter)
+└── RelayError                           the relay cannot publish (retried, never raised to users)
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ async def readiness(service: Service) -> dict[str, Any]:
         async with service.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
         checks["database"] = "ok"
-    except Exception as error:  # noqa: BLE001 - reported, not raised
+    except Exception as error:
         checks["database"] = f"{type(error).__name__}: {error}"
     relay = service.relay
     checks["relay"] = "off" if relay is None else ("leader" if relay.stats.is_leader else "standby")

@@ -6,6 +6,7 @@ Everything else in choreo sees `Record` (a consumed record) and `KafkaTransport.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -104,9 +105,7 @@ class KafkaTransport:
         names = sorted({self.settings.topic_prefix + topic for topic in topics})
         if not names:
             return
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=self.settings.bootstrap_servers, **parse_security(self._security)
-        )
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers, **parse_security(self._security))
         await admin.start()
         try:
             existing = set(await admin.list_topics())
@@ -116,10 +115,8 @@ class KafkaTransport:
                 # aiokafka accepts -1 only beside an (empty) replica assignment.
                 partitions = self.settings.partitions or -1
                 topics = [NewTopic(name, partitions, -1, replica_assignments={}) for name in missing]
-                try:
+                with contextlib.suppress(TopicAlreadyExistsError):  # another service was quicker
                     await admin.create_topics(topics)
-                except TopicAlreadyExistsError:
-                    pass  # another service created it meanwhile
         finally:
             await admin.close()
 
@@ -149,7 +146,7 @@ class KafkaTransport:
                         no_confirm=True,
                     )
                 )
-            except Exception as error:  # noqa: BLE001 - reported per record
+            except Exception as error:
                 pending.append(error)
         outcomes: list[BaseException | None] = []
         for item in pending:
@@ -159,7 +156,7 @@ class KafkaTransport:
                 try:
                     await item
                     outcomes.append(None)
-                except Exception as error:  # noqa: BLE001 - reported per record
+                except Exception as error:
                     outcomes.append(error)
             else:
                 outcomes.append(None)  # an in-memory test broker delivers synchronously

@@ -87,10 +87,7 @@ async def fetch_due(conn: AsyncConnection, now: datetime, limit: int) -> list[Ou
 async def next_due_at(conn: AsyncConnection) -> datetime | None:
     """When the earliest scheduled (not yet due) unpublished row becomes due."""
     result = await conn.execute(
-        select(_outbox.c.available_at)
-        .where(_outbox.c.published_at.is_(None))
-        .order_by(_outbox.c.available_at)
-        .limit(1)
+        select(_outbox.c.available_at).where(_outbox.c.published_at.is_(None)).order_by(_outbox.c.available_at).limit(1)
     )
     return result.scalar_one_or_none()
 

@@ -111,7 +111,7 @@ class Relay:
                         await conn.invalidate()
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # noqa: BLE001 - the relay must outlive any outage
+            except Exception as error:
                 failures += 1
                 self.stats.failures += 1
                 self.stats.last_error = f"{type(error).__name__}: {error}"
@@ -179,9 +179,7 @@ class Relay:
         return random.uniform(ceiling / 2, ceiling)
 
 
-def _publishable_prefix_per_key(
-    rows: Sequence[OutboxRecord], outcomes: Sequence[BaseException | None]
-) -> list[int]:
+def _publishable_prefix_per_key(rows: Sequence[OutboxRecord], outcomes: Sequence[BaseException | None]) -> list[int]:
     """Ids safe to mark published: acknowledged, and no earlier row of the same key failed.
 
     A later row of a key whose earlier row failed stays unpublished too, so both are sent
@@ -195,4 +193,3 @@ def _publishable_prefix_per_key(
         else:
             done.append(row.id)
     return done
-

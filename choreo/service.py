@@ -1,10 +1,10 @@
 """`Service`: a named participant in the choreography, with its own database and consumer group.
 
-    customers = Service("customers")
+customers = Service("customers")
 
-    @customers.on(OrderCreated)
-    async def reserve_credit(event: OrderCreated, tx: Tx) -> CreditReserved | CreditLimitExceeded:
-        ...
+@customers.on(OrderCreated)
+async def reserve_credit(event: OrderCreated, tx: Tx) -> CreditReserved | CreditLimitExceeded:
+    ...
 """
 
 from __future__ import annotations
@@ -135,7 +135,11 @@ class Service:
         """Declare a saga this service starts (see `choreo.saga`); returns it."""
         self._ensure_open(name)
         saga = saga_from(
-            name, starts=starts, ends=ends, deadline=deadline, on_deadline=on_deadline,
+            name,
+            starts=starts,
+            ends=ends,
+            deadline=deadline,
+            on_deadline=on_deadline,
             timeout_event=timeout_event,
         )
         if any(s.name == name or s.starts is starts for s in self.sagas):
@@ -277,9 +281,9 @@ class Service:
     def transaction(self, saga_id: str | None = None) -> typing.AsyncContextManager[Tx]:
         """A unit of work outside handlers: starts a new saga unless `saga_id` joins one.
 
-            async with orders.transaction() as tx:
-                tx.session.add(order)
-                tx.emit(OrderCreated(...))
+        async with orders.transaction() as tx:
+            tx.session.add(order)
+            tx.emit(OrderCreated(...))
         """
         return self._unit_of_work(saga_id=saga_id or new_id(), cause=None, handler=None, allowed=None)
 
@@ -292,21 +296,20 @@ class Service:
         handler: str | None,
         allowed: frozenset[type[Event]] | None,
     ) -> AsyncIterator[Tx]:
-        async with AsyncSession(self.engine, expire_on_commit=False) as session:
-            async with session.begin():
-                tx = Tx(
-                    session,
-                    service=self.name,
-                    saga_id=saga_id,
-                    cause=cause,
-                    handler=handler,
-                    allowed=allowed,
-                    sagas=self.sagas,
-                )
-                yield tx
-                # Written last, on the same session: business rows, inbox row and events
-                # commit together or not at all.
-                await outbox.write(session, tx.pending, utcnow())
+        async with AsyncSession(self.engine, expire_on_commit=False) as session, session.begin():
+            tx = Tx(
+                session,
+                service=self.name,
+                saga_id=saga_id,
+                cause=cause,
+                handler=handler,
+                allowed=allowed,
+                sagas=self.sagas,
+            )
+            yield tx
+            # Written last, on the same session: business rows, inbox row and events
+            # commit together or not at all.
+            await outbox.write(session, tx.pending, utcnow())
         if tx.pending and self._relay is not None:
             self._relay.wake()
 
@@ -338,8 +341,7 @@ def _build_handler(
         hints = typing.get_type_hints(func)
     except NameError as missing:
         raise SetupError(
-            f"{where}: cannot resolve its annotations ({missing}); define the event classes "
-            "at module level"
+            f"{where}: cannot resolve its annotations ({missing}); define the event classes at module level"
         ) from None
     accepted = hints.get(positional[0].name)
     if accepted is not None:
@@ -386,9 +388,7 @@ def _event_types_in(annotation: Any, where: str, *, allow_none: bool) -> set[typ
         for arg in typing.get_args(annotation):
             found |= _event_types_in(arg, where, allow_none=allow_none)
         return found
-    if origin in (list, tuple, set, frozenset) or (
-        origin is not None and origin.__module__ == "collections.abc"
-    ):
+    if origin in (list, tuple, set, frozenset) or (origin is not None and origin.__module__ == "collections.abc"):
         found = set()
         for arg in typing.get_args(annotation):
             if arg is not Ellipsis:

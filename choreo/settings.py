@@ -20,9 +20,7 @@ SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
-def lookup(
-    name: str, service: str, env: Mapping[str, str], *, fallback: str | None = None
-) -> tuple[str, str] | None:
+def lookup(name: str, service: str, env: Mapping[str, str], *, fallback: str | None = None) -> tuple[str, str] | None:
     """(variable, value) of the first variable set for setting `name`, or None."""
     candidates = [f"CHOREO_{service.upper().replace('-', '_')}_{name}", f"CHOREO_{name}"]
     if fallback:
@@ -116,8 +114,7 @@ class KafkaSettings:
                 )
         if self.security_protocol not in SECURITY_PROTOCOLS:
             raise ConfigurationError(
-                f"CHOREO_KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}: use one of "
-                f"{', '.join(SECURITY_PROTOCOLS)}"
+                f"CHOREO_KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}: use one of {', '.join(SECURITY_PROTOCOLS)}"
             )
         if self.security_protocol.startswith("SASL"):
             if self.sasl_mechanism not in SASL_MECHANISMS:
@@ -127,8 +124,7 @@ class KafkaSettings:
                 )
             if not self.sasl_username or not self.sasl_password:
                 raise ConfigurationError(
-                    f"{self.security_protocol} needs CHOREO_KAFKA_SASL_USERNAME and "
-                    "CHOREO_KAFKA_SASL_PASSWORD"
+                    f"{self.security_protocol} needs CHOREO_KAFKA_SASL_USERNAME and CHOREO_KAFKA_SASL_PASSWORD"
                 )
 
 

@@ -1,9 +1,9 @@
 """Run services against FastStream's in-memory Kafka: same code path, no broker.
 
-    async with choreo.testing.in_memory(orders, customers):
-        async with orders.transaction() as tx:
-            tx.emit(OrderCreated(...))
-        await choreo.testing.settle(orders, customers)
+async with choreo.testing.in_memory(orders, customers):
+    async with orders.transaction() as tx:
+        tx.emit(OrderCreated(...))
+    await choreo.testing.settle(orders, customers)
 """
 
 from __future__ import annotations

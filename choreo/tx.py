@@ -59,10 +59,7 @@ class Tx:
         """
         event_type = type(event)
         if not is_event_type(event_type):
-            raise TypeError(
-                f"emit() takes an instance of a choreo.Event subclass with name= and topic=, "
-                f"got {event!r}"
-            )
+            raise TypeError(f"emit() takes an instance of a choreo.Event subclass with name= and topic=, got {event!r}")
         if self._allowed is not None and event_type not in self._allowed:
             declared = ", ".join(sorted(describe(t) for t in self._allowed)) or "nothing"
             raise UndeclaredEmitError(
@@ -115,6 +112,4 @@ class Tx:
                     raise TypeError(f"handler {self.handler} returned {item!r} among its events")
                 self.emit(item)
             return
-        raise TypeError(
-            f"handler {self.handler} returned {result!r}; return None, an event or a list of events"
-        )
+        raise TypeError(f"handler {self.handler} returned {result!r}; return None, an event or a list of events")

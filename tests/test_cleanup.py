@@ -23,15 +23,37 @@ async def test_cleanup_removes_old_rows_and_keeps_new_ones(database: DatabaseFac
     now = utcnow()
     old, new = now - timedelta(days=8), now - timedelta(hours=2)
     outbox_rows = [
-        {"event_id": f"e{i}", "topic": "t", "key": "k", "event_type": "x", "event_version": 1, "saga_id": "s",
-         "headers": {}, "payload": b"{}", "created_at": when, "available_at": when, "published_at": published}
+        {
+            "event_id": f"e{i}",
+            "topic": "t",
+            "key": "k",
+            "event_type": "x",
+            "event_version": 1,
+            "saga_id": "s",
+            "headers": {},
+            "payload": b"{}",
+            "created_at": when,
+            "available_at": when,
+            "published_at": published,
+        }
         for i, (when, published) in enumerate(
             [(old, old)] * 25 + [(new, new)] * 5 + [(old, None)] * 3  # unpublished rows stay, however old
         )
     ]
     inbox_rows = [{"consumer": "c", "event_id": f"i{i}", "processed_at": old if i < 25 else new} for i in range(30)]
-    letter = {"consumer": "c", "topic": "t", "partition": 0, "offset": 1, "headers": {}, "payload": b"", "reason": "r",
-              "error": "e", "attempts": 1, "first_failed_at": old, "last_failed_at": old}
+    letter = {
+        "consumer": "c",
+        "topic": "t",
+        "partition": 0,
+        "offset": 1,
+        "headers": {},
+        "payload": b"",
+        "reason": "r",
+        "error": "e",
+        "attempts": 1,
+        "first_failed_at": old,
+        "last_failed_at": old,
+    }
     try:
         async with service.engine.begin() as conn:
             await conn.execute(insert(OutboxRow.__table__), outbox_rows)

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from sqlalchemy import select
 
 from choreo import KafkaSettings, Relay, Service, outbox
@@ -181,7 +181,8 @@ async def test_a_relay_dying_before_marking_rows_causes_duplicates_that_consumer
             assert crashing.crashed and relay.stats.failures >= 1
             on_wire = await records_on(kafka_settings, "toy-orders", 2)
             placed = Counter(
-                eid for eid, r in zip(event_ids(on_wire), on_wire, strict=True)
+                eid
+                for eid, r in zip(event_ids(on_wire), on_wire, strict=True)
                 if dict(r.headers)["choreo-event-type"] == b"toy.order_placed"
             )
             assert list(placed.values()) == [2]  # the same event, published twice

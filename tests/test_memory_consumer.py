@@ -138,8 +138,9 @@ async def test_emitting_an_undeclared_event_is_a_handler_error(tmp_path: Path) -
 def tamper(record: Record, *, value: bytes | None = None, drop: str | None = None, **headers: str) -> Record:
     kept = [(k, v) for k, v in record.headers if k != drop and k not in headers]
     kept += [(k, v.encode()) for k, v in headers.items()]
-    return Record(record.topic, record.partition, record.offset, record.key,
-                  record.value if value is None else value, tuple(kept))
+    return Record(
+        record.topic, record.partition, record.offset, record.key, record.value if value is None else value, tuple(kept)
+    )
 
 
 @pytest.mark.parametrize(
@@ -179,8 +180,9 @@ async def test_unknown_event_types_are_counted_not_fatal(tmp_path: Path) -> None
 
 
 async def test_a_rolled_back_handler_leaves_no_trace(tmp_path: Path) -> None:
-    service = Service("atomic", database_url=f"sqlite+aiosqlite:///{tmp_path}/t.db", retry=FAST,
-                      metadata=StockItem.metadata)
+    service = Service(
+        "atomic", database_url=f"sqlite+aiosqlite:///{tmp_path}/t.db", retry=FAST, metadata=StockItem.metadata
+    )
 
     @service.on(Flaky)
     async def handle(event: Flaky, tx: Tx) -> Done:
@@ -219,7 +221,9 @@ async def test_a_replayed_letter_succeeds_once_and_stays_auditable(tmp_path: Pat
             rows = (await conn.execute(select(OutboxRow.__table__).where(OutboxRow.topic == "mem-out"))).all()
         assert [(r.saga_id, r.headers["choreo-causation-id"]) for r in rows] == [("s-late", letter.event_id)]
         # Replaying the same record again is absorbed by the inbox.
-        again = await consumer_of(service).process(record_of(Flaky(label="late"), saga_id="s-late", event_id=letter.event_id))
+        again = await consumer_of(service).process(
+            record_of(Flaky(label="late"), saga_id="s-late", event_id=letter.event_id)
+        )
         assert again == ["duplicate"]
 
 
