@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
-from choreo import deadletters
+from choreo import deadletters, otel
 from choreo.database import claim_inbox, is_transient
 from choreo.envelope import Envelope, decode_headers, utcnow
 from choreo.events import Event, EventRegistry
@@ -59,6 +59,8 @@ class RetryPolicy:
     initial_backoff: float = 0.1
     max_backoff: float = 10.0
     max_record_bytes: int = 1024 * 1024
+    concurrency: int = 8
+    """Keys processed at once by one consumer (each in its own transaction and connection)."""
 
     def backoff(self, failures: int) -> float:
         """Exponential backoff with jitter for the n-th consecutive failure."""
@@ -118,6 +120,30 @@ class Consumer:
     async def on_record(self, record: Record) -> None:
         """Process `record` to one of its final outcomes; returns only when that is durable."""
         await self.process(record)
+
+    async def on_batch(self, records: list[Record]) -> None:
+        """Process a poll's records: one key after another in order, different keys concurrently.
+
+        Records of one key always share a partition, so grouping by (partition, key) keeps
+        each key's order while a slow or retried record holds back only its own key. The
+        transport commits the batch's offsets after this returns, i.e. after every record
+        reached a durable outcome.
+        """
+        lanes: dict[tuple[str, int, bytes | None], list[Record]] = {}
+        for record in records:
+            lanes.setdefault((record.topic, record.partition, record.key), []).append(record)
+        if len(lanes) == 1:
+            for record in records:
+                await self.process(record)
+            return
+        gate = asyncio.Semaphore(self.policy.concurrency)
+
+        async def run(lane: list[Record]) -> None:
+            async with gate:
+                for record in lane:
+                    await self.process(record)
+
+        await asyncio.gather(*(run(lane) for lane in lanes.values()))
 
     async def process(self, record: Record, only: str | None = None) -> list[Outcome]:
         """Process `record` (for handler `only`, if given); one outcome per handler run."""
@@ -206,9 +232,12 @@ class Consumer:
             return "duplicate"
 
     async def _run_once(self, handler: Handler, event: Event, envelope: Envelope) -> bool:
-        async with self._unit_of_work(
-            saga_id=envelope.saga_id, cause=envelope, handler=handler.name, allowed=handler.emits
-        ) as tx:
+        async with (
+            otel.handler_span(self.service, handler.name, envelope),
+            self._unit_of_work(
+                saga_id=envelope.saga_id, cause=envelope, handler=handler.name, allowed=handler.emits
+            ) as tx,
+        ):
             # The inbox row is written first, on the handler's own session: the handler's
             # effects and the "processed" mark commit or roll back together.
             if not await claim_inbox(tx.session, handler.name, envelope.event_id, utcnow()):

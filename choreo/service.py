@@ -224,7 +224,7 @@ class Service:
         )
         if consume:
             for topic in self.subscribed_topics:
-                self._transport.subscribe(topic, self.group_id, self._consumer.on_record)
+                self._transport.subscribe_batches([topic], self.group_id, self._consumer.on_batch)
         return self._transport
 
     async def _launch(self, *, start_transport: bool, relay: bool | None) -> None:

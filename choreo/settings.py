@@ -71,6 +71,8 @@ class KafkaSettings:
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: str | None = None
+    max_poll_records: int = 500
+    """Records handed to the consumer per poll; their offsets are committed together."""
     topic_prefix: str = ""
     """Prepended to every topic on the wire, so several environments can share a cluster."""
     client_options: dict[str, Any] = field(default_factory=dict)
@@ -90,6 +92,7 @@ class KafkaSettings:
         settings = cls(
             bootstrap_servers=servers[1] if servers else cls.bootstrap_servers,
             fetch_max_wait_ms=_int("KAFKA_FETCH_MAX_WAIT_MS", service, env, 500, 0),
+            max_poll_records=_int("KAFKA_MAX_POLL_RECORDS", service, env, 500, 1),
             idempotence=_bool("KAFKA_IDEMPOTENCE", service, env, True),
             partitions=_int("KAFKA_PARTITIONS", service, env, 1, 1) if partitions else None,
             security_protocol=protocol[1].upper() if protocol else "PLAINTEXT",
