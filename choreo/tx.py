@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from choreo import otel
 from choreo.envelope import Envelope, utcnow
 from choreo.events import Event, describe, is_event_type
 from choreo.exceptions import UndeclaredEmitError
@@ -79,6 +80,7 @@ class Tx:
             causation_id=self.cause.event_id if self.cause else None,
             handler=self.handler,
             occurred_at=now,
+            traceparent=otel.current_traceparent(),
         )
         available_at = at if at is not None else now + (delay or timedelta(0))
         self._pending.append(
