@@ -75,4 +75,10 @@ async def metrics(service: Service) -> str:
     out = []
     for name, kind, help_text, value in lines:
         out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{{{label}}} {value}"]
+    lags = await service.transport.lag() if service.consumer is not None else {}
+    if lags:
+        out += ["# HELP choreo_consumer_lag Records not yet consumed.", "# TYPE choreo_consumer_lag gauge"]
+        for where, lag in sorted(lags.items()):
+            topic, partition = where.rsplit("/", 1)
+            out.append(f'choreo_consumer_lag{{{label},topic="{topic}",partition="{partition}"}} {lag}')
     return "\n".join(out) + "\n"

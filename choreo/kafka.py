@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -117,6 +117,25 @@ class KafkaTransport:
                 await message.nack()
                 raise
             await message.ack()
+
+    async def lag(self) -> dict[str, int]:
+        """Records not yet consumed, per assigned partition (`topic/partition`), as last fetched."""
+        lags: dict[str, int] = {}
+        for subscriber in self.broker.subscribers:
+            consumer: Any = getattr(subscriber, "consumer", None)
+            if consumer is None or not hasattr(consumer, "assignment"):
+                continue  # not started, or an in-memory test consumer
+            for partition in consumer.assignment():
+                highwater = consumer.highwater(partition)
+                if highwater is None:
+                    continue  # nothing fetched from this partition yet
+                try:
+                    position = await asyncio.wait_for(consumer.position(partition), 0.5)
+                except (TimeoutError, KafkaError):
+                    continue  # being reassigned
+                topic = partition.topic.removeprefix(self.settings.topic_prefix)
+                lags[f"{topic}/{partition.partition}"] = max(0, highwater - position)
+        return lags
 
     def _record(self, raw: Any) -> Record:
         return Record(

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from choreo import KafkaSettings, Relay, Service, outbox
 from choreo.database import create_engine
 from choreo.envelope import utcnow
+from choreo.health import metrics
 from choreo.kafka import Record
 from choreo.outbox import OutboxRecord
 from choreo.testing import unpublished
@@ -77,6 +78,10 @@ async def test_two_services_play_a_saga_through_kafka(database: DatabaseFactory,
         by_saga = {dict(r.headers)["choreo-saga-id"].decode() for r in stock_events}
         assert by_saga == set(sagas)
         assert {r.key.decode() for r in stock_events if r.key} == set(sagas)
+        exposition = await metrics(toy.stock)
+        lag_lines = [line for line in exposition.splitlines() if line.startswith("choreo_consumer_lag{")]
+        assert any('topic="toy-orders"' in line for line in lag_lines)
+        assert 'choreo_handled_total{service="stock"} 3' in exposition
 
 
 async def test_the_same_record_twice_on_the_wire_has_one_effect(
