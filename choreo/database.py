@@ -129,6 +129,12 @@ async def lock_keys(session: AsyncSession, keys: Sequence[str]) -> None:
     )
 
 
+async def lock_schema(conn: AsyncConnection) -> None:
+    """Serialize schema creation between processes for the rest of this transaction (PostgreSQL)."""
+    if is_postgres(conn):
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"), {"a": 0x63686F72, "b": 0x7363686D})
+
+
 async def notify_relays(session: AsyncSession) -> None:
     """Wake relays in other processes once this transaction commits (PostgreSQL NOTIFY)."""
     if is_postgres(session):

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from choreo import deadletters, outbox, tables
 from choreo.cleanup import Retention, run_cleaner
 from choreo.consumer import Consumer, Handler, RetryPolicy
-from choreo.database import create_engine
+from choreo.database import create_engine, lock_schema
 from choreo.envelope import Envelope, new_id, utcnow
 from choreo.events import Event, EventRegistry, describe, is_event_type
 from choreo.exceptions import SetupError
@@ -210,6 +210,9 @@ class Service:
         kafka = self._kafka_settings()
         self._engine = create_engine(self._database_url or database_url(self.name))
         async with self._engine.begin() as conn:
+            # Replicas starting together on a fresh PostgreSQL database would race to create
+            # the same tables; a transaction-scoped advisory lock lets one go first.
+            await lock_schema(conn)
             for metadata in (tables.metadata, *self.metadata):
                 await conn.run_sync(metadata.create_all)
         self._transport = KafkaTransport(kafka, client_id=self.name)
@@ -223,8 +226,10 @@ class Service:
             policy=self.retry,
         )
         if consume:
-            for topic in self.subscribed_topics:
-                self._transport.subscribe_batches([topic], self.group_id, self._consumer.on_batch)
+            # One consumer for all topics: each extra consumer in the group costs a rebalance
+            # at start, and the consumer already runs different keys concurrently.
+            if self.subscribed_topics:
+                self._transport.subscribe_batches(self.subscribed_topics, self.group_id, self._consumer.on_batch)
         return self._transport
 
     async def _launch(self, *, start_transport: bool, relay: bool | None) -> None:

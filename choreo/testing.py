@@ -47,12 +47,16 @@ async def unpublished(service: Service) -> int:
 
 
 async def settle(*services: Service, timeout: float = 10.0) -> None:
-    """Wait until no service has unpublished outbox rows due now (the sagas have run out)."""
+    """Wait until no service has unpublished outbox rows due now (the sagas have run out).
+
+    Delivery writes into other services' outboxes while they are being counted, so quiet is
+    only trusted when two rounds in a row find nothing.
+    """
+    quiet_rounds = 0
     async with asyncio.timeout(timeout):
-        while True:
+        while quiet_rounds < 2:
             counts = [await unpublished(s) for s in services]
-            if not any(counts):
-                return
+            quiet_rounds = quiet_rounds + 1 if not any(counts) else 0
             for service in services:
                 if service.relay is not None:
                     service.relay.wake()

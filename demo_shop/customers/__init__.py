@@ -1,0 +1,1 @@
+"""The customers service: credit limits, and the credit each order holds."""

@@ -1,0 +1,95 @@
+"""The three services together: configured copies for one process, and the combined HTTP app."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from choreo import KafkaSettings, Service
+from demo_shop.customers import api as customers_api
+from demo_shop.customers import handlers as customers_handlers
+from demo_shop.orders import api as orders_api
+from demo_shop.orders import handlers as orders_handlers
+from demo_shop.payments import handlers as payments_handlers
+from demo_shop.web import OnStarted, health_router, lifespan
+
+SERVICES: dict[str, Service] = {
+    s.name: s for s in (orders_handlers.service, customers_handlers.service, payments_handlers.service)
+}
+"""The services as declared, configured from the environment when they start."""
+
+
+def configured(service: Service, *, database_url: str | None = None, kafka: KafkaSettings | None = None) -> Service:
+    """A new `Service` with `service`'s name, tables, sagas and handlers, on another database or broker.
+
+    The handlers keep their names, so inbox rows stay valid across copies of one service.
+    """
+    copy = Service(
+        service.name,
+        database_url=database_url,
+        kafka=kafka,
+        metadata=service.metadata,
+        retry=service.retry,
+        relay=service.run_relay,
+        group_id=service.group_id,
+    )
+    copy.declare(*service.registry)
+    for saga in service.sagas:
+        copy.saga(
+            saga.name,
+            starts=saga.starts,
+            ends=saga.ends,
+            deadline=saga.deadline,
+            on_deadline=saga.on_deadline,
+            timeout_event=saga.timeout_event,
+        )
+    for handler in service.handlers:
+        copy.on(*handler.event_types, emits=handler.emits, name=handler.name, max_attempts=handler.max_attempts)(
+            handler.func
+        )
+    return copy
+
+
+@dataclass(frozen=True)
+class Shop:
+    """The orders, customers and payments services of one shop."""
+
+    orders: Service
+    customers: Service
+    payments: Service
+
+    def __iter__(self) -> Iterator[Service]:
+        return iter((self.orders, self.customers, self.payments))
+
+    @classmethod
+    def build(cls, database_urls: Mapping[str, str], kafka: KafkaSettings | None = None) -> Shop:
+        """Fresh services on the given databases (by service name) and Kafka settings."""
+        return cls(
+            **{
+                name: configured(service, database_url=database_urls[name], kafka=kafka)
+                for name, service in SERVICES.items()
+            }
+        )
+
+    @classmethod
+    def in_directory(cls, data_dir: Path, kafka: KafkaSettings | None = None) -> Shop:
+        """Fresh services with SQLite files `<data_dir>/<service>.db`."""
+        return cls.build({name: f"sqlite+aiosqlite:///{data_dir / name}.db" for name in SERVICES}, kafka)
+
+    def create_app(self, *, on_started: OnStarted | None = None) -> FastAPI:
+        """One HTTP app for the whole shop: orders and customers APIs, /health, all three services."""
+        app = FastAPI(
+            title="choreo demo shop",
+            description=(
+                "Orders, customers and payments playing the order saga by events alone. "
+                "Place an order with POST /orders; follow it with GET /orders/{id}."
+            ),
+            lifespan=lifespan(list(self), on_started),
+        )
+        app.include_router(orders_api.create_router(self.orders))
+        app.include_router(customers_api.create_router(self.customers))
+        app.include_router(health_router(list(self)))
+        return app

@@ -1,0 +1,132 @@
+"""What every HTTP app of the shop shares: starting services in the lifespan, /health, and
+serving one service alone (`python -m demo_shop.<service>`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from choreo import ConfigurationError, KafkaSettings, Service, SetupError
+from choreo.database import normalize_url
+from choreo.settings import database_url
+
+OnStarted = Callable[[Service, float], None]
+"""Called after each service started, with the seconds it took (for progress displays)."""
+
+
+def lifespan(
+    services: Sequence[Service], on_started: OnStarted | None = None
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """A FastAPI lifespan that starts `services` (concurrently) and stops them on shutdown."""
+
+    @asynccontextmanager
+    async def run(_app: FastAPI) -> AsyncIterator[None]:
+        async def start(service: Service) -> None:
+            began = time.monotonic()
+            await service.start()
+            if on_started is not None:
+                on_started(service, time.monotonic() - began)
+
+        # Concurrently: each start waits for its consumer group to be joined, seconds per service.
+        outcomes = await asyncio.gather(*(start(s) for s in services), return_exceptions=True)
+        try:
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            yield
+        finally:
+            for service in reversed(services):
+                await service.stop()
+
+    return run
+
+
+def health_router(services: Sequence[Service]) -> APIRouter:
+    """`GET /health`: 200 when every service runs and reaches its database, else 503."""
+    router = APIRouter(tags=["health"])
+
+    @router.get("/health", summary="Liveness and readiness of the services in this process")
+    async def health() -> JSONResponse:
+        report: dict[str, Any] = {}
+        healthy = True
+        for service in services:
+            report[service.name] = state = await _service_health(service)
+            healthy = healthy and state["status"] == "ok"
+        return JSONResponse(
+            {"status": "ok" if healthy else "unavailable", "services": report},
+            status_code=200 if healthy else 503,
+        )
+
+    return router
+
+
+async def _service_health(service: Service) -> dict[str, Any]:
+    try:
+        engine = service.engine
+    except SetupError:  # not started (yet)
+        return {"status": "starting"}
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except Exception as error:
+        return {"status": "database unavailable", "error": f"{type(error).__name__}: {error}"}
+    relay = service.relay
+    return {
+        "status": "ok",
+        "relay": None if relay is None else {"leader": relay.stats.is_leader, "published": relay.stats.published},
+        "handled": None if service.consumer is None else service.consumer.stats.handled,
+    }
+
+
+def create_service_app(service: Service, routers: Sequence[APIRouter], *, title: str, description: str) -> FastAPI:
+    """The HTTP app of one service running alone: its routers, /health, and its lifespan."""
+    app = FastAPI(title=title, description=description, lifespan=lifespan([service]))
+    for router in routers:
+        app.include_router(router)
+    app.include_router(health_router([service]))
+    return app
+
+
+def serve_service(service: Service, app: FastAPI, *, default_port: int) -> None:
+    """Run one service with its HTTP app, configured by the environment (see `--help`)."""
+    usage = (
+        f"usage: python -m demo_shop.{service.name}\n\n"
+        f"Runs the {service.name} service alone, configured by environment variables:\n"
+        f"  CHOREO_{service.name.upper()}_DATABASE_URL or DATABASE_URL   its own database "
+        f"(default sqlite+aiosqlite:///{service.name}.db)\n"
+        "  KAFKA_BOOTSTRAP_SERVERS                   Kafka (default localhost:9092); more in CHOREO_KAFKA_*\n"
+        "  HOST, PORT                                HTTP listen address "
+        f"(default 127.0.0.1:{default_port})\n"
+        "  LOG_LEVEL                                 debug, info (default), warning, error\n"
+    )
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(usage)
+        return
+    if sys.argv[1:]:
+        sys.exit(f"unexpected arguments {sys.argv[1:]}; configure with environment variables\n\n{usage}")
+    level = os.environ.get("LOG_LEVEL", "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        sys.exit(f"LOG_LEVEL={level!r}: use debug, info, warning or error")
+    raw_port = os.environ.get("PORT", str(default_port))
+    if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+        sys.exit(f"PORT={raw_port!r} is not a TCP port number")
+    try:
+        # Fail now, with the variable's name, rather than inside the server's startup.
+        KafkaSettings.from_env(service.name)
+        normalize_url(database_url(service.name))
+    except ConfigurationError as error:
+        sys.exit(f"{service.name}: {error}")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=int(raw_port), log_level=level)
