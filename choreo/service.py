@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import re
 import types
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -148,6 +149,36 @@ class Service:
         self.sagas.append(saga)
         return saga
 
+    def clone(
+        self,
+        *,
+        database_url: str | None = None,
+        kafka: KafkaSettings | str | None = None,
+        group_id: str | None = None,
+        deadlines: Mapping[str, timedelta] | None = None,
+    ) -> Service:
+        """A new, unstarted service with this one's name, handlers, sagas and tables, configured anew.
+
+        For tests and for several instances in one process. Handler names, hence inbox keys,
+        stay the same; `deadlines` overrides saga deadlines by saga name.
+        """
+        copy = Service(
+            self.name,
+            database_url=database_url,
+            kafka=kafka,
+            metadata=self.metadata,
+            retry=self.retry,
+            relay=self.run_relay,
+            group_id=group_id or self.group_id,
+            retention=self._retention,
+        )
+        copy.declare(*self.registry)
+        for saga in self.sagas:
+            deadline = (deadlines or {}).get(saga.name, saga.deadline)
+            copy.sagas.append(dataclasses.replace(saga, deadline=deadline))
+        copy.handlers = list(self.handlers)
+        return copy
+
     def _ensure_open(self, what: object) -> None:
         if self._started:
             raise SetupError(f"{self.name} is already running; register {what!r} before start()")
@@ -225,11 +256,10 @@ class Service:
             unit_of_work=self._unit_of_work,
             policy=self.retry,
         )
-        if consume:
-            # One consumer for all topics: each extra consumer in the group costs a rebalance
-            # at start, and the consumer already runs different keys concurrently.
-            if self.subscribed_topics:
-                self._transport.subscribe_batches(self.subscribed_topics, self.group_id, self._consumer.on_batch)
+        # One consumer for all topics: each extra consumer in the group costs a rebalance
+        # at start, and the consumer already runs different keys concurrently.
+        if consume and self.subscribed_topics:
+            self._transport.subscribe_batches(self.subscribed_topics, self.group_id, self._consumer.on_batch)
         return self._transport
 
     async def _launch(self, *, start_transport: bool, relay: bool | None) -> None:

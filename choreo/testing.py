@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from faststream.kafka import TestKafkaBroker
 from sqlalchemy import func, select
 
-from choreo.envelope import Envelope, new_id
+from choreo.envelope import Envelope, new_id, utcnow
 from choreo.events import Event
 from choreo.kafka import Record
 from choreo.service import Service
@@ -40,9 +40,12 @@ async def in_memory(*services: Service) -> AsyncIterator[tuple[Service, ...]]:
 
 
 async def unpublished(service: Service) -> int:
-    """How many outbox rows of `service` are not yet published."""
+    """How many outbox rows of `service` are due but not yet published (scheduled ones wait)."""
+    rows = outbox_table.c
     async with service.engine.connect() as conn:
-        count = await conn.scalar(select(func.count()).where(outbox_table.c.published_at.is_(None)))
+        count = await conn.scalar(
+            select(func.count()).where(rows.published_at.is_(None), rows.available_at <= utcnow())
+        )
     return int(count or 0)
 
 

@@ -51,6 +51,14 @@ class OrderRejected(Event, name="order.rejected", topic=ORDERS):
 
     order_id: str
     reason: str
+    deadline_passed: bool = False
+    """Rejected by the saga's deadline: steps may still be under way and must be undone."""
+
+
+class OrderDeadlinePassed(Event, name="order.deadline_passed", topic=ORDERS):
+    """The `order` saga's deadline: orders schedules it when the saga starts, for itself."""
+
+    order_id: str
 
 
 class OrderCancelled(Event, name="order.cancelled", topic=ORDERS):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -22,37 +23,6 @@ SERVICES: dict[str, Service] = {
 """The services as declared, configured from the environment when they start."""
 
 
-def configured(service: Service, *, database_url: str | None = None, kafka: KafkaSettings | None = None) -> Service:
-    """A new `Service` with `service`'s name, tables, sagas and handlers, on another database or broker.
-
-    The handlers keep their names, so inbox rows stay valid across copies of one service.
-    """
-    copy = Service(
-        service.name,
-        database_url=database_url,
-        kafka=kafka,
-        metadata=service.metadata,
-        retry=service.retry,
-        relay=service.run_relay,
-        group_id=service.group_id,
-    )
-    copy.declare(*service.registry)
-    for saga in service.sagas:
-        copy.saga(
-            saga.name,
-            starts=saga.starts,
-            ends=saga.ends,
-            deadline=saga.deadline,
-            on_deadline=saga.on_deadline,
-            timeout_event=saga.timeout_event,
-        )
-    for handler in service.handlers:
-        copy.on(*handler.event_types, emits=handler.emits, name=handler.name, max_attempts=handler.max_attempts)(
-            handler.func
-        )
-    return copy
-
-
 @dataclass(frozen=True)
 class Shop:
     """The orders, customers and payments services of one shop."""
@@ -65,19 +35,29 @@ class Shop:
         return iter((self.orders, self.customers, self.payments))
 
     @classmethod
-    def build(cls, database_urls: Mapping[str, str], kafka: KafkaSettings | None = None) -> Shop:
+    def build(
+        cls,
+        database_urls: Mapping[str, str],
+        kafka: KafkaSettings | None = None,
+        *,
+        order_deadline: timedelta | None = None,
+    ) -> Shop:
         """Fresh services on the given databases (by service name) and Kafka settings."""
+        deadlines = {"order": order_deadline} if order_deadline else None
         return cls(
             **{
-                name: configured(service, database_url=database_urls[name], kafka=kafka)
+                name: service.clone(database_url=database_urls[name], kafka=kafka, deadlines=deadlines)
                 for name, service in SERVICES.items()
             }
         )
 
     @classmethod
-    def in_directory(cls, data_dir: Path, kafka: KafkaSettings | None = None) -> Shop:
+    def in_directory(
+        cls, data_dir: Path, kafka: KafkaSettings | None = None, *, order_deadline: timedelta | None = None
+    ) -> Shop:
         """Fresh services with SQLite files `<data_dir>/<service>.db`."""
-        return cls.build({name: f"sqlite+aiosqlite:///{data_dir / name}.db" for name in SERVICES}, kafka)
+        urls = {name: f"sqlite+aiosqlite:///{data_dir / name}.db" for name in SERVICES}
+        return cls.build(urls, kafka, order_deadline=order_deadline)
 
     def create_app(self, *, on_started: OnStarted | None = None) -> FastAPI:
         """One HTTP app for the whole shop: orders and customers APIs, /health, all three services."""

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from choreo.deadletters import topic_for
-from choreo.envelope import CAUSATION_ID, EVENT_ID, HANDLER, OCCURRED_AT
+from choreo.envelope import CAUSATION_ID, EVENT_ID, HANDLER, OCCURRED_AT, utcnow
 from choreo.tables import outbox_table as outbox
 from demo_shop.customers.models import ReservationState
 from demo_shop.orders.models import OrderState
@@ -179,7 +179,10 @@ async def saga_hops(engines: Mapping[str, AsyncEngine], saga_id: str) -> list[Ho
     for service, engine in engines.items():
         async with engine.connect() as conn:
             rows = await conn.execute(
-                select(outbox.c.topic, outbox.c.event_type, outbox.c.headers).where(outbox.c.saga_id == saga_id)
+                select(outbox.c.topic, outbox.c.event_type, outbox.c.headers).where(
+                    outbox.c.saga_id == saga_id,
+                    outbox.c.available_at <= utcnow(),  # a scheduled event (the deadline) has not happened yet
+                )
             )
             for topic, event_type, headers in rows:
                 hops.append(

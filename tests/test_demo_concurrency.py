@@ -17,7 +17,7 @@ from choreo.database import create_engine
 from demo_shop.customers.models import Reservation, ReservationState
 from demo_shop.orders.models import Order, OrderState
 from demo_shop.payments.models import Payment, PaymentState
-from demo_shop.shop import SERVICES, Shop, configured
+from demo_shop.shop import SERVICES, Shop
 from demo_shop.walkthrough import FLOWS, check_hops, saga_hops
 from tests.demo_support import api_client, credit_books, dead_letters, engines_of, eventually
 
@@ -62,7 +62,7 @@ async def test_concurrent_orders_never_over_reserve_credit(
     shop = Shop.build(urls, kafka_settings)
     # A second customers instance in the same consumer group: reservations for one customer
     # now also race between processes, and only the row lock keeps them apart.
-    twin = configured(shop.customers, database_url=urls["customers"], kafka=kafka_settings)
+    twin = shop.customers.clone(database_url=urls["customers"], kafka=kafka_settings)
     app = shop.create_app()
     # The twin starts after the shop: two instances creating the tables of one fresh database
     # at the same moment collide in PostgreSQL's catalog.

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,6 +22,7 @@ from demo_shop.events import (
     OrderApproved,
     OrderCancelled,
     OrderCreated,
+    OrderDeadlinePassed,
     OrderRejected,
     PaymentAuthorized,
     PaymentDeclined,
@@ -34,8 +36,18 @@ KAFKA_BOOTSTRAP_SERVERS, CHOREO_KAFKA_* (see choreo.settings)."""
 # Emitted from the HTTP endpoints below, outside any handler.
 service.declare(OrderCreated, OrderCancelled)
 
-order_saga = service.saga("order", starts=OrderCreated, ends={OrderApproved, OrderRejected})
-"""The saga every order starts; metadata for tracing and checks, never a coordinator."""
+ORDER_DEADLINE = timedelta(seconds=30)
+
+order_saga = service.saga(
+    "order",
+    starts=OrderCreated,
+    ends={OrderApproved, OrderRejected},
+    deadline=ORDER_DEADLINE,
+    on_deadline=lambda started: OrderDeadlinePassed(order_id=started.order_id),
+    timeout_event=OrderDeadlinePassed,
+)
+"""The saga every order starts; metadata for tracing and checks, never a coordinator. If it has
+not ended by its deadline, `expire_order` rejects the order and the compensations follow."""
 
 
 class OrderNotFound(LookupError):
@@ -104,6 +116,17 @@ async def reject_order(event: CreditLimitExceeded | CustomerNotFound | PaymentDe
     reason = rejection_reason(event)
     order.move_to(OrderState.REJECTED, reason)
     return OrderRejected(order_id=order.id, reason=reason)
+
+
+@service.on(OrderDeadlinePassed)
+async def expire_order(event: OrderDeadlinePassed, tx: Tx) -> OrderRejected | None:
+    """The saga's deadline passed: a still pending order is rejected (and so its credit released)."""
+    order = await _pending_order(tx, event.order_id)
+    if order is None:
+        return None  # the saga ended in time; its timeout changes nothing
+    reason = "no answer in time: the order saga passed its deadline"
+    order.move_to(OrderState.REJECTED, reason)
+    return OrderRejected(order_id=order.id, reason=reason, deadline_passed=True)
 
 
 def rejection_reason(event: CreditLimitExceeded | CustomerNotFound | PaymentDeclined) -> str:

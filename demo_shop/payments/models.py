@@ -23,11 +23,13 @@ def now() -> datetime:
 
 
 class PaymentState(StrEnum):
-    """AUTHORIZED may later become REFUNDED; DECLINED is final."""
+    """AUTHORIZED may later become REFUNDED; DECLINED is final; VOID (the order was rejected
+    before any charge) becomes DECLINED if the credit reservation still arrives."""
 
     AUTHORIZED = "AUTHORIZED"
     DECLINED = "DECLINED"
     REFUNDED = "REFUNDED"
+    VOID = "VOID"
 
 
 class Payment(Base, table=True):
