@@ -13,11 +13,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from choreo import ConfigurationError, KafkaSettings, Service, SetupError
 from choreo.database import normalize_url
+from choreo.health import metrics, readiness
 from choreo.settings import database_url
 
 OnStarted = Callable[[Service, float], None]
@@ -52,40 +52,42 @@ def lifespan(
 
 
 def health_router(services: Sequence[Service]) -> APIRouter:
-    """`GET /health`: 200 when every service runs and reaches its database, else 503."""
+    """`/health` (readiness), `/health/live` (liveness) and `/metrics` (Prometheus) of this process."""
     router = APIRouter(tags=["health"])
 
-    @router.get("/health", summary="Liveness and readiness of the services in this process")
+    @router.get("/health", summary="Readiness: every service runs and reaches its database")
     async def health() -> JSONResponse:
-        report: dict[str, Any] = {}
-        healthy = True
-        for service in services:
-            report[service.name] = state = await _service_health(service)
-            healthy = healthy and state["status"] == "ok"
+        report = {service.name: await _readiness(service) for service in services}
+        ready = all(state["ready"] for state in report.values())
         return JSONResponse(
-            {"status": "ok" if healthy else "unavailable", "services": report},
-            status_code=200 if healthy else 503,
+            {"status": "ok" if ready else "unavailable", "services": report},
+            status_code=200 if ready else 503,
         )
+
+    @router.get("/health/live", summary="Liveness: the process answers")
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/metrics", summary="Outbox backlog, consumer lag and handler counters (Prometheus)")
+    async def exposition() -> PlainTextResponse:
+        texts = [await metrics(service) for service in services if _started(service)]
+        return PlainTextResponse("".join(texts), media_type="text/plain; version=0.0.4")
 
     return router
 
 
-async def _service_health(service: Service) -> dict[str, Any]:
+def _started(service: Service) -> bool:
     try:
-        engine = service.engine
-    except SetupError:  # not started (yet)
-        return {"status": "starting"}
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-    except Exception as error:
-        return {"status": "database unavailable", "error": f"{type(error).__name__}: {error}"}
-    relay = service.relay
-    return {
-        "status": "ok",
-        "relay": None if relay is None else {"leader": relay.stats.is_leader, "published": relay.stats.published},
-        "handled": None if service.consumer is None else service.consumer.stats.handled,
-    }
+        service.engine  # noqa: B018 - raises until the service has started
+    except SetupError:
+        return False
+    return True
+
+
+async def _readiness(service: Service) -> dict[str, Any]:
+    if not _started(service):
+        return {"ready": False, "status": "starting"}
+    return await readiness(service)
 
 
 def create_service_app(service: Service, routers: Sequence[APIRouter], *, title: str, description: str) -> FastAPI:

@@ -195,7 +195,11 @@ async def test_health_and_openapi(client: httpx.AsyncClient) -> None:
     health = await client.get("/health")
     assert health.status_code == 200
     assert set(health.json()["services"]) == {"orders", "customers", "payments"}
-    assert all(s["status"] == "ok" for s in health.json()["services"].values())
+    assert all(s["ready"] and s["checks"]["database"] == "ok" for s in health.json()["services"].values())
+    assert (await client.get("/health/live")).json() == {"status": "ok"}
+    exposition = (await client.get("/metrics")).text
+    for name in ("orders", "customers", "payments"):
+        assert f'choreo_outbox_backlog{{service="{name}"}}' in exposition
     paths = (await client.get("/openapi.json")).json()["paths"]
     assert {"/orders", "/orders/{order_id}", "/orders/{order_id}/cancel", "/customers"} <= set(paths)
 
@@ -213,7 +217,7 @@ async def test_service_apps_serve_their_own_api(tmp_path: Path) -> None:
             # Not started (no lifespan here): unhealthy, and says so.
             health = await client.get("/health")
             assert health.status_code == 503
-            assert health.json()["services"] == {name: {"status": "starting"}}
+            assert health.json()["services"] == {name: {"ready": False, "status": "starting"}}
             paths = set((await client.get("/openapi.json")).json()["paths"])
         assert ("/orders" in paths) is (name == "orders")
         assert ("/customers" in paths) is (name == "customers")
