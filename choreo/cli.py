@@ -1,0 +1,551 @@
+"""`choreo`: trace sagas, list them, draw and check the choreography, run services and relays.
+
+    choreo collect demo_shop                 index every saga of the app's services
+    choreo sagas --state failed --since 1h   recent sagas and their state
+    choreo trace 3f1c2b7e                    one saga as a causal tree
+    choreo graph demo_shop --format mermaid  the static choreography
+    choreo check demo_shop                   static verification (non-zero exit on problems)
+    choreo run demo_shop.orders.handlers:service
+    choreo relay demo_shop.orders.handlers:service
+
+Errors are one line on stderr and a non-zero exit; `CHOREO_DEBUG=1` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import re
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy.exc import SQLAlchemyError
+
+from choreo.exceptions import ChoreoError, ConfigurationError
+from choreo.graph import Choreography, discover, import_module, module_name
+from choreo.service import Service
+from choreo.settings import KafkaSettings
+from choreo.tracing import (
+    DATABASE_URL_ENV,
+    DEFAULT_DATABASE_URL,
+    DEFAULT_GROUP_ID,
+    Hop,
+    SagaDeclaration,
+    SagaState,
+    SagaTrace,
+    TraceCollector,
+    TraceStore,
+    declarations_of,
+    default_database_url,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+app = typer.Typer(
+    name="choreo",
+    help="Choreography sagas: trace them, list them, draw and check the choreography, run services.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class TraceFormat(StrEnum):
+    """Output formats of `choreo trace`."""
+
+    text = "text"
+    json = "json"
+    mermaid = "mermaid"
+
+
+class ListFormat(StrEnum):
+    """Output formats of `choreo sagas`."""
+
+    text = "text"
+    json = "json"
+
+
+class GraphFormat(StrEnum):
+    """Output formats of `choreo graph`."""
+
+    mermaid = "mermaid"
+    dot = "dot"
+    text = "text"
+
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help=f"Trace database URL [default: ${DATABASE_URL_ENV}, else {DEFAULT_DATABASE_URL}]",
+        show_default=False,
+    ),
+]
+AppOption = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        help="Module or package whose saga declarations to use (default: those the collector stored)",
+    ),
+]
+TargetArgument = Annotated[
+    str, typer.Argument(help="Module or package holding the services, e.g. demo_shop or app/services.py")
+]
+ServiceArgument = Annotated[
+    str, typer.Argument(help="The service: module:attribute (e.g. demo_shop.orders.handlers:service)")
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def handled(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn every failure of a command into one line on stderr and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as error:
+            if os.environ.get("CHOREO_DEBUG"):
+                raise
+            if isinstance(error, ChoreoError):
+                message = str(error)
+            elif isinstance(error, SQLAlchemyError):
+                original = getattr(error, "orig", None)
+                message = f"database: {original if original is not None else error}"
+            else:
+                message = f"{type(error).__name__}: {error}"
+            raise _fail(_first_line(message)) from None
+
+    return wrapper
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "failed"
+
+
+def _run(coro: Awaitable[R]) -> R:
+    async def main() -> R:
+        return await coro
+
+    return asyncio.run(main())
+
+
+def _console() -> Console:
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # Piped or captured: do not squeeze the table into 80 columns.
+        console = Console(highlight=False, width=240)
+    return console
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `10m`, `2h`, `1d`, `500ms` as a timedelta."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", text)
+    if match is None:
+        raise ConfigurationError(f"--since {text!r}: use a number and a unit, e.g. 30s, 10m, 2h, 1d")
+    value, unit = float(match.group(1)), match.group(2)
+    seconds = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    return timedelta(seconds=value * seconds)
+
+
+def _declarations(app_module: str | None) -> list[SagaDeclaration] | None:
+    if app_module is None:
+        return None
+    return declarations_of(discover(app_module))
+
+
+# -- trace -------------------------------------------------------------------------------------
+
+
+@app.command()
+@handled
+def trace(
+    saga_id: Annotated[str, typer.Argument(help="The saga id (or a unique prefix of it, 4+ characters)")],
+    db: DbOption = None,
+    output: Annotated[TraceFormat, typer.Option("--format", "-f", help="text, json or mermaid")] = TraceFormat.text,
+    app_module: AppOption = None,
+) -> None:
+    """Show one saga as a causal tree: who emitted what, in reaction to what, how fast, and how it ended."""
+    declarations = _declarations(app_module)
+
+    async def load() -> SagaTrace:
+        store = TraceStore(db or default_database_url())
+        await store.open(create=False)
+        try:
+            found = await store.resolve(saga_id)
+            if found is None:
+                raise ConfigurationError(f"no saga {saga_id!r} in the trace database {store.url}")
+            saga = await store.trace(found, declarations)
+            assert saga is not None
+            return saga
+        finally:
+            await store.close()
+
+    saga = _run(load())
+    if output is TraceFormat.json:
+        typer.echo(json.dumps(saga.to_dict(), indent=2))
+    elif output is TraceFormat.mermaid:
+        typer.echo(saga.to_mermaid())
+    else:
+        render_trace(saga, _console())
+
+
+_STATE_STYLE = {
+    SagaState.COMPLETED: "bold green",
+    SagaState.COMPENSATED: "bold yellow",
+    SagaState.FAILED: "bold red",
+    SagaState.IN_FLIGHT: "bold cyan",
+    SagaState.OVERDUE: "bold magenta",
+    SagaState.UNKNOWN: "bold",
+}
+
+
+def _ms(delta: timedelta | None) -> str:
+    if delta is None:
+        return ""
+    millis = delta.total_seconds() * 1000
+    return f"{millis / 1000:.2f} s" if abs(millis) >= 10_000 else f"{millis:.1f} ms"
+
+
+def _tree(roots: list[Hop]) -> Iterator[tuple[Hop, str, str]]:
+    """(hop, its tree prefix, the prefix of lines below it) in display order."""
+
+    def walk(hop: Hop, prefix: str, last: bool, root: bool) -> Iterator[tuple[Hop, str, str]]:
+        here = prefix if root else prefix + ("└─ " if last else "├─ ")
+        below = prefix if root else prefix + ("   " if last else "│  ")
+        yield hop, here, below
+        for index, child in enumerate(hop.children):
+            yield from walk(child, below, index == len(hop.children) - 1, False)
+
+    for root in roots:
+        yield from walk(root, "", True, True)
+
+
+def render_trace(saga: SagaTrace, console: Console) -> None:
+    """Print a saga as an aligned, coloured timeline tree."""
+    declaration = saga.declaration
+    header = Text()
+    header.append("saga ", style="bold")
+    header.append(saga.saga_id, style="bold")
+    header.append("  ·  ")
+    header.append(declaration.name if declaration else "(undeclared)", style="bold blue")
+    header.append("  ·  ")
+    header.append(saga.state.value, style=_STATE_STYLE[saga.state])
+    console.print(header)
+    events = sum(1 for hop in saga.hops() if hop.seen)
+    console.print(
+        Text(
+            f"started {saga.started_at.isoformat(timespec='milliseconds')} · {events} events · "
+            f"{' → '.join(saga.services)}",
+            style="dim",
+        )
+    )
+    table = Table(box=None, show_header=True, header_style="dim", pad_edge=False, padding=(0, 1))
+    table.add_column("offset", justify="right", no_wrap=True)
+    table.add_column("by", no_wrap=True)
+    table.add_column("event", no_wrap=True)
+    table.add_column("hop", justify="right", no_wrap=True)
+    table.add_column("publish", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    for hop, prefix, below in _tree(saga.roots):
+        event = hop.event
+        style = "yellow" if event.is_compensation else ("red" if hop.dead_letters else "")
+        if hop is saga.ended_by:
+            style = "green"
+        marks = Text()
+        if declaration is not None and event.event_type == declaration.starts and hop.parent is None:
+            marks.append(f"▶ starts {declaration.name} ", style="cyan")
+        if event.is_compensation:
+            marks.append(f"↺ undoes {', '.join(event.compensates)} ", style="yellow")
+        if declaration is not None and event.event_type in declaration.ends:
+            marks.append(f"■ ends {declaration.name} ", style="green")
+        if declaration is not None and event.event_type == declaration.timeout_event:
+            marks.append("⏰ deadline ", style="magenta")
+        if not hop.seen:
+            marks.append("(known from a dead letter only) ", style="dim")
+        table.add_row(
+            Text(f"+{_ms(saga.offset(hop))}"),
+            Text(prefix, style="dim") + Text(event.by, style=style or "bold"),
+            Text(event.event_type, style=style),
+            Text(_ms(hop.latency)),
+            Text(_ms(hop.publish_delay), style="dim"),
+            marks,
+        )
+        for letter in hop.dead_letters:
+            offset = _ms(letter.published_at - saga.started_at) if letter.published_at else ""
+            table.add_row(
+                Text(f"+{offset}" if offset else ""),
+                Text(below + ("   " if not hop.children else "│  "), style="dim")
+                + Text(f"✗ {letter.consumer}", style="bold red"),
+                Text(letter.reason or "dead letter", style="red"),
+                Text(""),
+                Text(""),
+                Text(f"✗ {letter.error or ''}", style="red"),
+            )
+    console.print(table)
+    closing = saga.summary()
+    style = "green" if saga.ended_by else ("red" if saga.state is SagaState.FAILED else "yellow")
+    console.print(Text(closing, style=style))
+
+
+# -- sagas -------------------------------------------------------------------------------------
+
+
+@app.command()
+@handled
+def sagas(
+    db: DbOption = None,
+    state: Annotated[
+        SagaState | None,
+        typer.Option("--state", help="Only sagas in this state: completed, compensated, failed, in-flight, overdue"),
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only sagas started within this long, e.g. 90s, 10m, 2h, 1d")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many sagas")] = 20,
+    app_module: AppOption = None,
+    output: Annotated[ListFormat, typer.Option("--format", "-f", help="text or json")] = ListFormat.text,
+) -> None:
+    """List recent sagas, newest first, with their state (from the saga declarations)."""
+    declarations = _declarations(app_module)
+    window = parse_duration(since) if since else None
+
+    async def load() -> tuple[list[SagaTrace], bool]:
+        store = TraceStore(db or default_database_url())
+        await store.open(create=False)
+        try:
+            now = datetime.now().astimezone()
+            found = await store.sagas(
+                declarations=declarations,
+                state=state,
+                since=now - window if window else None,
+                limit=limit,
+                now=now,
+            )
+            declared = bool(declarations if declarations is not None else await store.declarations())
+            return found, declared
+        finally:
+            await store.close()
+
+    found, declared = _run(load())
+    if output is ListFormat.json:
+        typer.echo(json.dumps([_summary(saga) for saga in found], indent=2))
+        return
+    console = _console()
+    if not found:
+        console.print("no sagas" + (f" in state {state.value}" if state else "") + (f" since {since}" if since else ""))
+        return
+    table = Table(box=None, header_style="dim", pad_edge=False, padding=(0, 2))
+    for column in ("saga id", "saga", "state", "started", "took", "events", "ended by / stopped at"):
+        table.add_column(column, no_wrap=True, justify="right" if column in ("took", "events") else "left")
+    for saga in found:
+        where = (
+            saga.ended_by.event.event_type if saga.ended_by else ", ".join(h.event.event_type for h in saga.stopped_at)
+        )
+        if saga.dead_lettered:
+            where += f"  ✗ {sum(len(h.dead_letters) for h in saga.hops())} dead letter(s)"
+        table.add_row(
+            saga.saga_id,
+            saga.declaration.name if saga.declaration else "-",
+            Text(saga.state.value, style=_STATE_STYLE[saga.state]),
+            saga.started_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            _ms(saga.duration),
+            str(sum(1 for hop in saga.hops() if hop.seen)),
+            where,
+        )
+    console.print(table)
+    if not declared:
+        console.print(Text("no saga declarations known: pass --app <module> to tell how sagas end", style="dim yellow"))
+
+
+def _summary(saga: SagaTrace) -> dict[str, Any]:
+    full = saga.to_dict()
+    full.pop("roots")
+    return full
+
+
+# -- graph and check ---------------------------------------------------------------------------
+
+
+@app.command()
+@handled
+def graph(
+    target: TargetArgument,
+    output: Annotated[GraphFormat, typer.Option("--format", "-f", help="mermaid, dot or text")] = GraphFormat.mermaid,
+) -> None:
+    """Draw the static choreography: which service reacts to which event and may emit what."""
+    choreography = Choreography(discover(target))
+    if output is GraphFormat.dot:
+        typer.echo(choreography.to_dot())
+    elif output is GraphFormat.text:
+        typer.echo(choreography.to_text())
+    else:
+        typer.echo(choreography.to_mermaid())
+
+
+@app.command()
+@handled
+def check(target: TargetArgument) -> None:
+    """Verify the choreography statically; exit 1 with an explanation per problem.
+
+    Checks: events emitted that nobody handles and that end no saga; handlers whose event
+    nothing emits; saga runs that reach no declared end; failure runs that leave a
+    compensable step uncompensated. See docs/tracing.md.
+    """
+    services = discover(target)
+    choreography = Choreography(services)
+    report = choreography.check()
+    handlers = len(choreography.handlers)
+    scope = ", ".join(
+        _count(n, noun)
+        for n, noun in ((len(services), "service"), (handlers, "handler"), (len(choreography.sagas), "saga"))
+    )
+    for problem in report.problems:
+        typer.echo(f"✗ {problem}")
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    if report.problems:
+        typer.echo(f"choreo check: {len(report.problems)} problem(s) in {module_name(target)} ({scope})", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"✓ choreo check: {module_name(target)} ({scope}): no problems")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+# -- collect, run, relay -----------------------------------------------------------------------
+
+
+async def serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
+    """Run `start()`, block until SIGINT or SIGTERM, then `stop()`."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await start()
+        await stopping.wait()
+    finally:
+        await stop()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+@app.command()
+@handled
+def collect(
+    target: TargetArgument,
+    db: DbOption = None,
+    group: Annotated[str, typer.Option("--group", help="Kafka consumer group of the collector")] = DEFAULT_GROUP_ID,
+    bootstrap_servers: Annotated[
+        str | None,
+        typer.Option(
+            "--bootstrap-servers",
+            help="Kafka host:port[,host:port] [default: $CHOREO_TRACE_KAFKA_BOOTSTRAP_SERVERS, "
+            "$CHOREO_KAFKA_BOOTSTRAP_SERVERS or $KAFKA_BOOTSTRAP_SERVERS]",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Index every record of the app's services (their topics and dead-letter topics) by saga id.
+
+    Runs until SIGINT/SIGTERM. Kafka settings come from CHOREO_TRACE_KAFKA_*, CHOREO_KAFKA_*
+    (e.g. CHOREO_KAFKA_TOPIC_PREFIX) as for services.
+    """
+    services = discover(target)
+    collector = TraceCollector(services, db or default_database_url(), kafka=bootstrap_servers, group_id=group)
+    settings: KafkaSettings = collector.kafka_settings()
+
+    async def start() -> None:
+        await collector.start()
+        typer.echo(
+            f"collecting {len(collector.topics)} topics of {', '.join(s.name for s in services)} from "
+            f"{settings.bootstrap_servers} into {collector.store!r} (group {group}); Ctrl-C to stop"
+        )
+
+    async def stop() -> None:
+        await collector.stop()
+        stats = collector.stats
+        typer.echo(
+            f"stopped: {stats.indexed} events and {stats.dead_letters} dead letters indexed, "
+            f"{stats.duplicates} duplicates, {stats.ignored} records without choreo headers"
+        )
+
+    _run(serve(start, stop))
+
+
+def load_service(spec: str) -> Service:
+    """The `Service` named by `module:attribute` (or `module` when it holds exactly one)."""
+    module_part, _, attribute = spec.partition(":")
+    module = import_module(module_name(module_part))
+    if attribute:
+        value: Any = module
+        for part in attribute.split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, Service):
+            return value
+        named = [s for s in vars(module).values() if isinstance(s, Service) and s.name == attribute]
+        if named:
+            return named[0]
+        raise ConfigurationError(f"{spec}: {module.__name__} has no Service named {attribute!r}")
+    found = list({id(s): s for s in vars(module).values() if isinstance(s, Service)}.values())
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ConfigurationError(f"{spec}: {module.__name__} defines no choreo.Service; use module:attribute")
+    names = ", ".join(sorted(s.name for s in found))
+    raise ConfigurationError(f"{spec}: {module.__name__} defines several services ({names}); use module:attribute")
+
+
+@app.command()
+@handled
+def run(service_spec: ServiceArgument) -> None:
+    """Run one service (consumer, relay, cleanup) until SIGINT/SIGTERM, then stop it cleanly."""
+    service = load_service(service_spec)
+
+    async def start() -> None:
+        await service.start()
+        typer.echo(f"{service.name} running: consuming {', '.join(service.subscribed_topics) or 'nothing'}")
+
+    _run(serve(start, service.stop))
+
+
+@app.command()
+@handled
+def relay(service_spec: ServiceArgument) -> None:
+    """Run only the relay of a service (publish its outbox, consume nothing) until SIGINT/SIGTERM."""
+    service = load_service(service_spec)
+
+    async def start() -> None:
+        await service.start(consume=False)
+        typer.echo(f"{service.name} relay running")
+
+    _run(serve(start, service.stop))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="choreo")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
