@@ -1,5 +1,6 @@
 """choreo: choreography sagas for Python services, with a transactional outbox and inbox."""
 
+from choreo.cleanup import Retention
 from choreo.consumer import RetryPolicy
 from choreo.envelope import Envelope
 from choreo.events import Event, EventRegistry
@@ -12,9 +13,11 @@ from choreo.exceptions import (
     UndeclaredEmitError,
 )
 from choreo.relay import Relay
+from choreo.saga import Saga
 from choreo.service import Service
 from choreo.settings import KafkaSettings
 from choreo.tables import metadata
+from choreo.tracing import TraceCollector, TraceStore
 from choreo.tx import Tx
 
 __all__ = [
@@ -27,9 +30,13 @@ __all__ = [
     "RejectedRecord",
     "Relay",
     "RelayError",
+    "Retention",
     "RetryPolicy",
+    "Saga",
     "Service",
     "SetupError",
+    "TraceCollector",
+    "TraceStore",
     "Tx",
     "UndeclaredEmitError",
     "metadata",

@@ -271,6 +271,7 @@ class Consumer:
                         first_failed_at=first_failed_at,
                         now=utcnow(),
                     )
+                    tx.wake_relay = True  # the letter also went into the outbox, for its topic
             except Exception as failure:
                 failures += 1
                 log.warning("%s: cannot store dead letter yet (%s), retrying", consumer, failure)

@@ -237,16 +237,15 @@ class Choreography:
                 self.emitters.setdefault(event_type, []).append(Emitter(service.name, handler.name))
         for service in self.services:
             timeouts = {saga.timeout_event: saga.name for saga in service.sagas if saga.timeout_event}
-            consumed = {t for h in service.handlers for t in h.event_types}
             emitted = {t for h in service.handlers for t in h.emits}
-            # The registry holds what the service consumes, what its handlers emit and what it
-            # declared; the rest is emitted outside handlers (HTTP endpoints, scripts, deadlines).
-            for event_type in sorted(service.registry, key=_name):
+            # `declare()` names what the service emits outside handlers (HTTP endpoints,
+            # scripts); `saga()` declares the start and the timeout event too.
+            for event_type in sorted(service.declared, key=_name):
                 if event_type in timeouts:
                     self.emitters.setdefault(event_type, []).append(
                         Emitter(service.name, deadline_of=timeouts[event_type])
                     )
-                elif event_type not in consumed and event_type not in emitted:
+                else:
                     self.emitters.setdefault(event_type, []).append(Emitter(service.name))
             for saga in service.sagas:
                 if saga.starts in emitted and saga.starts not in timeouts:

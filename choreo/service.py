@@ -76,6 +76,8 @@ class Service:
         self.registry = EventRegistry()
         self.handlers: list[Handler] = []
         self.sagas: list[Saga] = []
+        self.declared: set[type[Event]] = set()
+        """Events emitted outside handlers (see `declare`)."""
         self._database_url = database_url
         self._kafka = kafka
         self._engine: AsyncEngine | None = None
@@ -122,6 +124,7 @@ class Service:
         self._ensure_open(event_types)
         for event_type in event_types:
             self.registry.add(event_type)
+            self.declared.add(event_type)
 
     def saga(
         self,
@@ -172,7 +175,9 @@ class Service:
             group_id=group_id or self.group_id,
             retention=self._retention,
         )
-        copy.declare(*self.registry)
+        copy.declare(*self.declared)
+        for event_type in self.registry:
+            copy.registry.add(event_type)
         for saga in self.sagas:
             deadline = (deadlines or {}).get(saga.name, saga.deadline)
             copy.sagas.append(dataclasses.replace(saga, deadline=deadline))
@@ -345,7 +350,7 @@ class Service:
             # Written last, on the same session: business rows, inbox row and events
             # commit together or not at all.
             await outbox.write(session, tx.pending, utcnow())
-        if tx.pending and self._relay is not None:
+        if (tx.pending or tx.wake_relay) and self._relay is not None:
             self._relay.wake()
 
 

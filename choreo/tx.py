@@ -39,6 +39,8 @@ class Tx:
         self._allowed = allowed
         self._sagas = {saga.starts: saga for saga in sagas}
         self._pending: list[PendingEvent] = []
+        self.wake_relay = False
+        """Set when outbox rows were written besides `emit()`, so the relay is woken on commit."""
 
     @property
     def pending(self) -> list[PendingEvent]:
