@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -27,16 +26,6 @@ log = logging.getLogger("choreo.cleanup")
 
 _outbox = outbox_table
 _inbox = inbox_table
-_DURATION = re.compile(r"^(\d+)\s*(s|m|h|d)$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def parse_duration(text: str, setting: str) -> timedelta:
-    """`30s`, `15m`, `12h` or `7d` as a timedelta."""
-    match = _DURATION.match(text.strip().lower())
-    if not match:
-        raise ConfigurationError(f"{setting}={text!r} is not a duration; write e.g. 30s, 15m, 12h or 7d")
-    return timedelta(**{_UNITS[match[2]]: int(match[1])})
 
 
 @dataclass(frozen=True)

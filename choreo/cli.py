@@ -17,7 +17,6 @@ import asyncio
 import functools
 import json
 import os
-import re
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
@@ -30,10 +29,12 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
+from choreo import dlq
 from choreo.exceptions import ChoreoError, ConfigurationError
 from choreo.graph import Choreography, discover, import_module, module_name
 from choreo.service import Service
-from choreo.settings import KafkaSettings
+from choreo.settings import KafkaSettings, parse_duration
+from choreo.tables import DeadLetter
 from choreo.tracing import (
     DATABASE_URL_ENV,
     DEFAULT_DATABASE_URL,
@@ -153,16 +154,6 @@ def _console() -> Console:
         # Piped or captured: do not squeeze the table into 80 columns.
         console = Console(highlight=False, width=240)
     return console
-
-
-def parse_duration(text: str) -> timedelta:
-    """`90s`, `10m`, `2h`, `1d`, `500ms` as a timedelta."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", text)
-    if match is None:
-        raise ConfigurationError(f"--since {text!r}: use a number and a unit, e.g. 30s, 10m, 2h, 1d")
-    value, unit = float(match.group(1)), match.group(2)
-    seconds = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
-    return timedelta(seconds=value * seconds)
 
 
 def _declarations(app_module: str | None) -> list[SagaDeclaration] | None:
@@ -325,7 +316,7 @@ def sagas(
 ) -> None:
     """List recent sagas, newest first, with their state (from the saga declarations)."""
     declarations = _declarations(app_module)
-    window = parse_duration(since) if since else None
+    window = parse_duration(since, "--since") if since else None
 
     async def load() -> tuple[list[SagaTrace], bool]:
         store = TraceStore(db or default_database_url())
@@ -540,6 +531,145 @@ def relay(service_spec: ServiceArgument) -> None:
         typer.echo(f"{service.name} relay running")
 
     _run(serve(start, service.stop))
+
+
+dlq_app = typer.Typer(
+    help="Operate a service's dead letters: list, show, replay, discard (nothing is ever deleted).",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
+
+LetterIds = Annotated[list[int] | None, typer.Argument(help="Dead-letter ids (see `choreo dlq list`)")]
+SagaOption = Annotated[str | None, typer.Option("--saga", help="Only letters of this saga id")]
+HandlerOption = Annotated[
+    str | None, typer.Option("--handler", help="Only letters of this handler, e.g. orders.approve_order")
+]
+
+
+async def _open(service: Service) -> None:
+    # The database alone: a replay's events wait in the outbox for the running service's relay.
+    await service.start(kafka=False)
+
+
+async def _select(
+    service: Service, ids: list[int] | None, saga: str | None, handler: str | None, status: str | None
+) -> list[DeadLetter]:
+    if not (ids or saga or handler):
+        raise ConfigurationError("name the letters: ids, --saga or --handler")
+    return await dlq.letters(service, ids=ids or (), saga_id=saga, consumer=handler, status=status, limit=10_000)
+
+
+@dlq_app.command("list")
+@handled
+def dlq_list(
+    service_spec: ServiceArgument,
+    status: Annotated[str, typer.Option(help="parked, replayed, discarded or all")] = "parked",
+    saga: SagaOption = None,
+    handler: HandlerOption = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 50,
+    output: Annotated[ListFormat, typer.Option("--format", "-f", help="text or json")] = ListFormat.text,
+) -> None:
+    """List dead letters, newest first."""
+    service = load_service(service_spec)
+
+    async def main() -> list[DeadLetter]:
+        await _open(service)
+        try:
+            wanted = None if status == "all" else status
+            return await dlq.letters(service, status=wanted, saga_id=saga, consumer=handler, limit=limit)
+        finally:
+            await service.stop()
+
+    found = _run(main())
+    if output is ListFormat.json:
+        typer.echo(json.dumps([_letter_dict(letter) for letter in found], indent=2))
+        return
+    table = Table("id", "status", "handler", "event", "saga", "reason", "attempts", "last failure", "error")
+    for letter in found:
+        table.add_row(
+            str(letter.id),
+            letter.status,
+            letter.consumer,
+            letter.event_type or "?",
+            (letter.saga_id or "")[:8],
+            letter.reason,
+            str(letter.attempts),
+            letter.last_failed_at.strftime("%Y-%m-%d %H:%M:%S"),
+            _first_line(letter.error)[:60],
+        )
+    _console().print(table if found else f"no {status} dead letters in {service.name}")
+
+
+@dlq_app.command("show")
+@handled
+def dlq_show(service_spec: ServiceArgument, letter_id: Annotated[int, typer.Argument(help="The letter's id")]) -> None:
+    """Show one dead letter whole: headers, payload, error and traceback."""
+    service = load_service(service_spec)
+
+    async def main() -> list[DeadLetter]:
+        await _open(service)
+        try:
+            return await dlq.letters(service, ids=[letter_id], status=None)
+        finally:
+            await service.stop()
+
+    found = _run(main())
+    if not found:
+        raise ChoreoError(f"{service.name} has no dead letter {letter_id}")
+    typer.echo(json.dumps(_letter_dict(found[0], whole=True), indent=2))
+
+
+@dlq_app.command("replay")
+@handled
+def dlq_replay(
+    service_spec: ServiceArgument, ids: LetterIds = None, saga: SagaOption = None, handler: HandlerOption = None
+) -> None:
+    """Run parked letters through their handler again (idempotent; saga and causation ids kept)."""
+    service = load_service(service_spec)
+
+    async def main() -> list[dlq.ReplayResult]:
+        await _open(service)
+        try:
+            return await dlq.replay(service, await _select(service, ids, saga, handler, status=None))
+        finally:
+            await service.stop()
+
+    results = _run(main())
+    for result in results:
+        typer.echo(f"{result.letter_id}: {result.outcome}")
+    if not results:
+        raise ChoreoError("no dead letter matched")
+    if any(result.outcome == "dead-lettered" for result in results):
+        raise typer.Exit(1)  # failed again: parked anew
+
+
+@dlq_app.command("discard")
+@handled
+def dlq_discard(
+    service_spec: ServiceArgument, ids: LetterIds = None, saga: SagaOption = None, handler: HandlerOption = None
+) -> None:
+    """Mark parked letters discarded: kept for audit, never replayed."""
+    service = load_service(service_spec)
+
+    async def main() -> list[int]:
+        await _open(service)
+        try:
+            return await dlq.discard(service, await _select(service, ids, saga, handler, status="parked"))
+        finally:
+            await service.stop()
+
+    discarded = _run(main())
+    typer.echo(f"discarded {len(discarded)} letter(s): {', '.join(map(str, discarded)) or '-'}")
+
+
+def _letter_dict(letter: DeadLetter, *, whole: bool = False) -> dict[str, Any]:
+    fields = letter.model_dump(mode="json", exclude={"payload", "key", "traceback", "headers"})
+    if whole:
+        fields["headers"] = letter.headers
+        fields["key"] = letter.key.decode(errors="replace") if letter.key is not None else None
+        fields["payload"] = letter.payload.decode(errors="replace")
+        fields["traceback"] = letter.traceback
+    return fields
 
 
 def main() -> None:

@@ -9,15 +9,29 @@ Lookup order for each setting: the `Service(...)` argument, then `CHOREO_<SERVIC
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
-from choreo.cleanup import Retention, parse_duration
+from choreo.cleanup import Retention
 from choreo.exceptions import ConfigurationError
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, setting: str) -> timedelta:
+    """`500ms`, `30s`, `15m`, `12h` or `7d` as a timedelta; `setting` names it in the error."""
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ConfigurationError(f"{setting}={text!r} is not a duration; write e.g. 30s, 15m, 12h or 7d")
+    return timedelta(seconds=float(match[1]) * _SECONDS[match[2]])
 
 
 def lookup(name: str, service: str, env: Mapping[str, str], *, fallback: str | None = None) -> tuple[str, str] | None:

@@ -7,10 +7,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, insert, select
 
-from choreo.cleanup import Retention, parse_duration, purge_once
+from choreo.cleanup import Retention, purge_once
 from choreo.envelope import utcnow
 from choreo.exceptions import ConfigurationError
-from choreo.settings import retention_from_env
+from choreo.settings import parse_duration, retention_from_env
 from choreo.tables import DeadLetter, InboxRow, OutboxRow
 from tests.conftest import DatabaseFactory
 from tests.toy import make_toy
@@ -73,6 +73,8 @@ def test_retention_settings_from_the_environment() -> None:
     retention = retention_from_env("svc", {"CHOREO_OUTBOX_RETENTION": "12h", "CHOREO_SVC_INBOX_RETENTION": "14d"})
     assert (retention.outbox, retention.inbox) == (timedelta(hours=12), timedelta(days=14))
     assert parse_duration("30s", "X") == timedelta(seconds=30)
+    assert parse_duration("1.5h", "X") == timedelta(minutes=90)
+    assert parse_duration("250ms", "X") == timedelta(milliseconds=250)
     with pytest.raises(ConfigurationError, match="CHOREO_INBOX_RETENTION='soon' is not a duration"):
         retention_from_env("svc", {"CHOREO_INBOX_RETENTION": "soon"})
     with pytest.raises(ConfigurationError, match="shorter than an hour"):

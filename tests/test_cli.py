@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from choreo.cli import app, parse_duration, serve
+from choreo.cli import app, serve
 from choreo.envelope import utcnow
+from choreo.testing import record_of
 from choreo.tracing import SagaDeclaration, TracedEvent, TraceStore
+from tests import dlq_app
 from tests.test_tracing import Flows, play_flows
 from tests.toy3 import project_directory, write_package
 
@@ -234,15 +236,9 @@ def test_bad_input_is_one_line_and_non_zero(project: Path, args: list[str], mess
 
 
 def test_every_command_has_help() -> None:
-    for command in ("trace", "sagas", "graph", "check", "collect", "run", "relay"):
-        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    for command in ("trace", "sagas", "graph", "check", "collect", "run", "relay", "dlq list", "dlq replay"):
+        result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0 and "Usage: choreo " + command in result.stdout
-
-
-def test_durations() -> None:
-    assert parse_duration("10m") == timedelta(minutes=10)
-    assert parse_duration("1.5h") == timedelta(minutes=90)
-    assert parse_duration("250ms") == timedelta(milliseconds=250)
 
 
 async def test_serve_stops_cleanly_on_sigterm() -> None:
@@ -257,3 +253,53 @@ async def test_serve_stops_cleanly_on_sigterm() -> None:
 
     await asyncio.wait_for(serve(start, stop), 5)
     assert calls == ["start", "stop"]
+
+
+def test_dlq_commands_list_show_replay_and_discard(tmp_path: Path) -> None:
+
+    env = {"CHOREO_LEDGER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db", "COLUMNS": "200"}
+
+    async def park_two() -> None:
+        service = dlq_app.ledger.clone(database_url=env["CHOREO_LEDGER_DATABASE_URL"])
+        await service.start(kafka=False)
+        try:
+            assert service.consumer is not None
+            for amount, saga in ((5, "saga-five"), (7, "saga-seven")):
+                outcome = await service.consumer.process(record_of(dlq_app.Entry(amount=amount), saga_id=saga))
+                assert outcome == ["dead-lettered"]
+        finally:
+            await service.stop()
+
+    asyncio.run(park_two())
+    spec = "tests.dlq_app:ledger"
+    listed = runner.invoke(app, ["dlq", "list", spec, "--format", "json"], env=env)
+    assert listed.exit_code == 0, listed.output
+    letters = {letter["saga_id"]: letter for letter in json.loads(listed.stdout)}
+    assert set(letters) == {"saga-five", "saga-seven"}
+    assert {letter["reason"] for letter in letters.values()} == {"handler-error"}
+    five, seven = letters["saga-five"]["id"], letters["saga-seven"]["id"]
+
+    shown = runner.invoke(app, ["dlq", "show", spec, str(five)], env=env)
+    assert json.loads(shown.stdout)["payload"] == '{"amount":5}'
+    assert "the ledger is closed" in json.loads(shown.stdout)["traceback"]
+
+    failed_again = runner.invoke(app, ["dlq", "replay", spec, str(five)], env=env)
+    assert failed_again.exit_code == 1 and f"{five}: dead-lettered" in failed_again.stdout
+
+    dlq_app.BROKEN["yes"] = False
+    try:
+        replayed = runner.invoke(app, ["dlq", "replay", spec, "--saga", "saga-seven"], env=env)
+    finally:
+        dlq_app.BROKEN["yes"] = True
+    assert replayed.exit_code == 0 and f"{seven}: handled" in replayed.stdout
+
+    parked = runner.invoke(app, ["dlq", "list", spec, "--format", "json"], env=env)
+    (newest,) = json.loads(parked.stdout)  # the second letter of saga-five, from the failed replay
+    assert newest["saga_id"] == "saga-five" and newest["id"] not in (five, seven)
+    discarded = runner.invoke(app, ["dlq", "discard", spec, "--handler", "ledger.book"], env=env)
+    assert discarded.exit_code == 0 and f"discarded 1 letter(s): {newest['id']}" in discarded.stdout
+    history = runner.invoke(app, ["dlq", "list", spec, "--status", "all", "--format", "json"], env=env)
+    assert sorted(letter["status"] for letter in json.loads(history.stdout)) == ["discarded", "replayed", "replayed"]
+
+    nothing = runner.invoke(app, ["dlq", "replay", spec], env=env)
+    assert nothing.exit_code == 1 and "name the letters" in nothing.output
