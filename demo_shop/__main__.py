@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Generator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -26,10 +27,12 @@ from rich.logging import RichHandler
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from choreo import KafkaSettings, Service
+from choreo import KafkaSettings, Service, TraceCollector
+from choreo.cli import render_trace
 from choreo.devbroker import DevBrokerError, Tansu
+from choreo.tracing import SagaTrace
 from demo_shop.shop import SERVICES, Shop
-from demo_shop.walkthrough import FLOWS, FlowResult, Hop, create_customers, hop_reader, run_flow
+from demo_shop.walkthrough import FLOWS, FlowResult, create_customers, hop_reader, run_flow
 
 T = TypeVar("T")
 
@@ -79,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point of `demo-shop`."""
     args = parse_args(argv)
     console = Console(highlight=False)
+    if not console.is_terminal:  # piped or captured: keep the trace trees readable
+        console = Console(highlight=False, width=120)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(name)s: %(message)s",
@@ -111,6 +116,7 @@ class Demo:
         self.broker: Tansu | None = None
         self.server: _Server | None = None
         self.serving: asyncio.Task[None] | None = None
+        self.collector: TraceCollector | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -194,7 +200,15 @@ class Demo:
             if not self.server.started:
                 raise _StartError("the services did not start (see the errors above)")
             progress.update(http, completed=1, description=f"HTTP API on http://{args.host}:{args.port}")
+            tracing = progress.add_task("starting the trace collector", total=1)
+            self.collector = TraceCollector(shop, self.trace_url, kafka=kafka or None)
+            await self.collector.start()
+            progress.update(tracing, completed=1, description=f"trace collector indexing into {data_dir / 'trace.db'}")
         return shop
+
+    @property
+    def trace_url(self) -> str:
+        return f"sqlite+aiosqlite:///{self.args.data_dir / 'trace.db'}"
 
     async def _start_kafka(self, progress: Progress) -> KafkaSettings | None:
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get("CHOREO_KAFKA_BOOTSTRAP_SERVERS")
@@ -213,6 +227,8 @@ class Demo:
         return KafkaSettings(bootstrap_servers=self.broker.bootstrap, idempotence=False, fetch_max_wait_ms=5)
 
     async def shutdown(self) -> None:
+        if self.collector is not None:
+            await self.collector.stop()
         if self.server is not None and self.serving is not None:
             self.server.should_exit = True  # the lifespan then stops the services
             with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -238,11 +254,11 @@ class Demo:
                 self.console.print(f"[bold]expected[/]  {flow.story}")
                 self.console.print(f"          order {flow.final_state}; events: {', '.join(flow.events)}")
                 result = await run_flow(client, flow, customers, read_hops, timeout=self.args.timeout)
-                self.show(result)
+                await self.show(result)
                 results.append(result)
         return results
 
-    def show(self, result: FlowResult) -> None:
+    async def show(self, result: FlowResult) -> None:
         reason = f" ({result.reason})" if result.reason else ""
         self.console.print(
             f"[bold]happened[/]  order {result.state}{reason} in {result.seconds * 1000:.0f} ms\n"
@@ -250,28 +266,26 @@ class Demo:
         )
         if result.reservation:
             self.console.print(f"          credit reservation: {result.reservation}")
-        self.console.print(self.hops_table(result.hops))
         for problem in result.problems:
             self.console.print(f"[red]  ✘ {problem}[/]")
+        if result.saga_id is not None:
+            self.console.print()
+            trace = await self.collected_trace(result.saga_id, len(result.hops))
+            if trace is None:
+                self.console.print("[yellow]  the trace collector has not seen this saga yet[/]")
+            else:
+                render_trace(trace, self.console)
 
-    @staticmethod
-    def hops_table(hops: Sequence[Hop]) -> Table:
-        table = Table(title="hops (from each service's outbox)", title_justify="left", box=None, padding=(0, 1))
-        for column in ("+ms", "service", "event", "emitted by", "caused by"):
-            table.add_column(column, justify="right" if column == "+ms" else "left", no_wrap=True)
-        if not hops:
-            return table
-        start = hops[0].occurred_at
-        events = {hop.event_id: hop.event for hop in hops}
-        for hop in hops:
-            table.add_row(
-                f"{(hop.occurred_at - start).total_seconds() * 1000:.0f}",
-                hop.service,
-                f"[red]dead letter: {hop.event}[/]" if hop.dead_letter else hop.event,
-                hop.handler.removeprefix(f"{hop.service}.") if hop.handler else "HTTP request",
-                events.get(hop.cause_id, "?") if hop.cause_id else "",
-            )
-        return table
+    async def collected_trace(self, saga_id: str, events: int) -> SagaTrace | None:
+        """The saga's trace once the collector has indexed all its `events` (or after 5 s)."""
+        assert self.collector is not None
+        deadline = time.monotonic() + 5
+        while True:
+            trace = await self.collector.store.trace(saga_id)
+            seen = 0 if trace is None else sum(1 for hop in trace.hops() if hop.seen)
+            if seen >= events or time.monotonic() > deadline:
+                return trace
+            await asyncio.sleep(0.05)
 
     def summarize(self, results: Sequence[FlowResult]) -> None:
         table = Table(title="summary")
@@ -303,6 +317,10 @@ class Demo:
             f"  curl -s -X POST {base}/orders -H 'content-type: application/json' "
             '-d \'{"customer_id": "<id>", "total": "42.00"}\'\n'
             f"  curl -s {base}/orders?state=APPROVED\n"
+            "and follow the sagas (in another terminal, while this runs):\n"
+            f"  choreo sagas --db {self.trace_url}\n"
+            f"  choreo trace <saga id> --db {self.trace_url}\n"
+            "  choreo graph demo_shop    choreo check demo_shop\n"
             "Ctrl-C to stop."
         )
 

@@ -173,7 +173,8 @@ class Hop:
 async def saga_hops(engines: Mapping[str, AsyncEngine], saga_id: str) -> list[Hop]:
     """The events of one saga, oldest first, read from each service's `choreo_outbox`.
 
-    A stand-in for choreo's saga trace: it only sees what each service emitted.
+    The flow checks read what each service committed, independently of the trace collector
+    (whose view the walkthrough prints).
     """
     hops: list[Hop] = []
     for service, engine in engines.items():
