@@ -17,7 +17,7 @@ saga is still open (e.g. reject a pending order) or long finished (do nothing).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -65,15 +65,3 @@ class Saga:
         """Wire names of the ending events."""
         return frozenset(t.event_name for t in self.ends)
 
-
-def saga_from(
-    name: str,
-    *,
-    starts: type[Event],
-    ends: Iterable[type[Event]],
-    deadline: timedelta | None = None,
-    on_deadline: Callable[[Any], Event] | None = None,
-    timeout_event: type[Event] | None = None,
-) -> Saga:
-    """Build a Saga from keyword arguments (accepting any iterable of ending events)."""
-    return Saga(name, starts, frozenset(ends), deadline, on_deadline, timeout_event)

@@ -34,7 +34,7 @@ from choreo.events import Event, EventRegistry, describe, is_event_type
 from choreo.exceptions import SetupError
 from choreo.kafka import KafkaTransport
 from choreo.relay import Relay
-from choreo.saga import Saga, saga_from
+from choreo.saga import Saga
 from choreo.settings import KafkaSettings, database_url, retention_from_env
 from choreo.tx import Tx
 
@@ -138,14 +138,7 @@ class Service:
     ) -> Saga:
         """Declare a saga this service starts (see `choreo.saga`); returns it."""
         self._ensure_open(name)
-        saga = saga_from(
-            name,
-            starts=starts,
-            ends=ends,
-            deadline=deadline,
-            on_deadline=on_deadline,
-            timeout_event=timeout_event,
-        )
+        saga = Saga(name, starts, frozenset(ends), deadline, on_deadline, timeout_event)
         if any(s.name == name or s.starts is starts for s in self.sagas):
             raise SetupError(f"{self.name} already declares a saga named {name!r} or started by {starts!r}")
         self.declare(starts, *([timeout_event] if timeout_event else []))
