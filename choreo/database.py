@@ -48,7 +48,6 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
     if make_url(url).get_backend_name() != "sqlite":
         options.setdefault("pool_size", 10)
         options.setdefault("max_overflow", 10)
-        options.setdefault("pool_pre_ping", True)
         return create_async_engine(url, **options)
     engine = create_async_engine(url, **options)
 
@@ -108,24 +107,25 @@ async def claim_inbox(session: AsyncSession, consumer: str, event_id: str, now: 
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-async def lock_keys(session: AsyncSession, keys: Sequence[str]) -> None:
-    """Serialize transactions that emit for the same Kafka key (PostgreSQL only).
+async def lock_keys_and_notify(session: AsyncSession, keys: Sequence[str]) -> None:
+    """Before writing outbox rows: serialize emitters per key, and wake relays (PostgreSQL only).
 
     Outbox ids come from a sequence, which hands out numbers at insert time, not commit time:
     two transactions emitting for one key could commit in the opposite order of their ids, and
     the relay would publish the later event first. A transaction-scoped advisory lock per key,
     taken before the insert, makes id order equal commit order for each key. Keys are locked
-    in hash order so that two transactions sharing several keys cannot deadlock.
+    in hash order so that two transactions sharing several keys cannot deadlock. The NOTIFY
+    rides in the same statement (PostgreSQL delivers it at commit) to save a round trip.
     """
-    if not keys or not is_postgres(session):
+    if not is_postgres(session):
         return
     await session.execute(
         text(
-            "SELECT pg_advisory_xact_lock(h) FROM ("
+            "SELECT pg_notify(:channel, ''), (SELECT count(pg_advisory_xact_lock(h)) FROM ("
             " SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(CAST(:keys AS text[])) AS k"
-            " ORDER BY h) AS hashed"
+            " ORDER BY h) AS hashed)"
         ),
-        {"keys": list(keys)},
+        {"channel": NOTIFY_CHANNEL, "keys": list(keys)},
     )
 
 
@@ -133,12 +133,6 @@ async def lock_schema(conn: AsyncConnection) -> None:
     """Serialize schema creation between processes for the rest of this transaction (PostgreSQL)."""
     if is_postgres(conn):
         await conn.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"), {"a": 0x63686F72, "b": 0x7363686D})
-
-
-async def notify_relays(session: AsyncSession) -> None:
-    """Wake relays in other processes once this transaction commits (PostgreSQL NOTIFY)."""
-    if is_postgres(session):
-        await session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
 
 
 def is_transient(error: BaseException) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from choreo.database import lock_keys, notify_relays
+from choreo.database import lock_keys_and_notify
 from choreo.envelope import Envelope
 from choreo.events import Event
 from choreo.tables import outbox_table
@@ -66,11 +66,10 @@ async def write_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> N
     """Insert prepared outbox rows (all columns but id and published_at), in order."""
     if not rows:
         return
-    await lock_keys(session, [row["key"] for row in rows if row["key"] is not None])
+    await lock_keys_and_notify(session, [row["key"] for row in rows if row["key"] is not None])
     # One statement per row: ids then follow emit order on every driver.
     for row in rows:
         await session.execute(insert(_outbox), row)
-    await notify_relays(session)
 
 
 async def fetch_due(conn: AsyncConnection, now: datetime, limit: int) -> list[OutboxRecord]:
@@ -82,14 +81,6 @@ async def fetch_due(conn: AsyncConnection, now: datetime, limit: int) -> list[Ou
         .limit(limit)
     )
     return [OutboxRecord(r.id, r.topic, r.key, r.headers, r.payload) for r in result]
-
-
-async def next_due_at(conn: AsyncConnection) -> datetime | None:
-    """When the earliest scheduled (not yet due) unpublished row becomes due."""
-    result = await conn.execute(
-        select(_outbox.c.available_at).where(_outbox.c.published_at.is_(None)).order_by(_outbox.c.available_at).limit(1)
-    )
-    return result.scalar_one_or_none()
 
 
 async def mark_published(conn: AsyncConnection, ids: Sequence[int], now: datetime) -> None:

@@ -97,6 +97,10 @@ class Relay:
         while True:
             try:
                 async with self.engine.connect() as conn:
+                    if is_postgres(conn):
+                        # No BEGIN/COMMIT round trips around the relay's two statements per
+                        # batch; the session-level leader lock does not need a transaction.
+                        await conn.execution_options(isolation_level="AUTOCOMMIT")
                     if not await self._acquire_leadership(conn):
                         await asyncio.sleep(self.standby_interval)
                         continue
@@ -136,12 +140,9 @@ class Relay:
             published = await self.publish_once(conn)
             if published == self.batch_size:
                 continue  # a full batch: more rows are probably waiting
-            timeout = self.poll_interval
-            due = await outbox.next_due_at(conn)
-            await conn.commit()
-            if due is not None:
-                timeout = max(0.0, min(timeout, (due - utcnow()).total_seconds()))
-            await self._sleep(timeout)
+            # Woken by commits here or NOTIFY from elsewhere; the poll also picks up
+            # scheduled rows (saga deadlines) within `poll_interval` of becoming due.
+            await self._sleep(self.poll_interval)
 
     async def publish_once(self, conn: AsyncConnection) -> int:
         """Publish one batch of due rows; returns how many were marked published."""
