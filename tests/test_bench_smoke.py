@@ -1,0 +1,91 @@
+"""The benchmark harness runs end to end on a tiny load: results come out, sagas complete.
+
+No timing is asserted: these runs share the machine with the rest of the suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report
+from bench.__main__ import parse_args
+from bench.infra import Sampler, postgres_pids
+from bench.run import Env, Plan, latency, sampling
+
+SAGAS = 20
+
+
+def tiny_plan() -> Plan:
+    return Plan(
+        warmup=1.0,
+        rates=[10],
+        step_duration=SAGAS / 10,
+        drain_timeout=60.0,
+        customers=20,
+        partitions=2,
+        saga_timeout=60.0,
+    )
+
+
+async def run_latency(
+    system: str, kafka_bootstrap: str, kafka_kind: str, make_db: Callable[[str], Awaitable[str]], tmp_path: Path
+) -> dict[str, Any]:
+    sampler = Sampler(interval=0.5)
+    env = Env(kafka=kafka_bootstrap, make_db=make_db, work=tmp_path, sampler=sampler, tansu=kafka_kind == "tansu")
+    sampler.track("postgres", lambda: postgres_pids(env.databases))
+    async with sampling(env):
+        return await latency(env, tiny_plan(), system)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("system", ["choreo", "baseline"])
+async def test_latency_scenario_completes_sagas_and_measures_them(
+    system: str,
+    kafka_bootstrap: str,
+    kafka_kind: str,
+    fresh_pg_database: Callable[[str], Awaitable[str]],
+    tmp_path: Path,
+) -> None:
+    result = await run_latency(system, kafka_bootstrap, kafka_kind, fresh_pg_database, tmp_path)
+
+    (step,) = result["steps"]
+    assert step["started"] == SAGAS
+    assert step["completed"] == step["approved"] == SAGAS, step["errors"]
+    assert step["sagas"] == SAGAS  # every saga's instants were found in the system's own records
+    assert step["e2e_ms"]["count"] == SAGAS and step["e2e_ms"]["p50"] > 0
+    assert set(step["hop_ms"]) == {"orders→customers", "customers→payments", "payments→orders"}
+    assert step["cpu"]["cores"], "the sampler saw the processes"
+
+    document = report.render(
+        {
+            "meta": {
+                "started_at": "now",
+                "seconds": 1.0,
+                "command": "pytest",
+                "plan": vars(tiny_plan()),
+                "machine": {
+                    "nproc": 2,
+                    "cpu_model": "cpu",
+                    "ram_gb": 1,
+                    "kernel": "k",
+                    "python": "3",
+                    "kafka": "k",
+                    "postgresql": "p",
+                    "packages": {},
+                    "commit": "c",
+                },
+            },
+            "scenarios": {"latency": result} if system == "choreo" else {"baseline": {"latency": result}},
+        }
+    )
+    assert "## Latency (open loop)" in document
+
+
+def test_cli_names_unknown_scenarios() -> None:
+    assert parse_args(["--quick", "--only", "throughput,scale"]).only == ["throughput", "scale"]
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "everything"])
