@@ -19,8 +19,8 @@ test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check choreo demo_shop tests
-	$(BIN)/ruff format --check choreo demo_shop tests
+	$(BIN)/ruff check choreo demo_shop tests bench
+	$(BIN)/ruff format --check choreo demo_shop tests bench
 	$(BIN)/mypy
 
 bench: $(STAMP)

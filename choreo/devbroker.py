@@ -157,13 +157,8 @@ class Tansu:
         with ThreadPoolExecutor(1) as pool:
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
-                    raise DevBrokerError(
-                        f"tansu exited with code {self._proc.returncode}: {self._read_output()}"
-                    )
-                if (
-                    _accepts(self.port)
-                    and pool.submit(asyncio.run, _answers_metadata(self.bootstrap)).result()
-                ):
+                    raise DevBrokerError(f"tansu exited with code {self._proc.returncode}: {self._read_output()}")
+                if _accepts(self.port) and pool.submit(asyncio.run, _answers_metadata(self.bootstrap)).result():
                     return
                 time.sleep(0.05)
         raise DevBrokerError(

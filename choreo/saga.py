@@ -64,4 +64,3 @@ class Saga:
     def end_names(self) -> frozenset[str]:
         """Wire names of the ending events."""
         return frozenset(t.event_name for t in self.ends)
-

@@ -21,9 +21,7 @@ async def test_kafka_round_trip_with_headers(
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     await producer.start()
     try:
-        sent = await producer.send_and_wait(
-            topic, b"hello", key=b"k1", headers=[("trace", b"t-1"), ("kind", b"ping")]
-        )
+        sent = await producer.send_and_wait(topic, b"hello", key=b"k1", headers=[("trace", b"t-1"), ("kind", b"ping")])
     finally:
         await producer.stop()
 
