@@ -47,6 +47,8 @@ class SagaTimes:
     saga_id: str
     emitted: tuple[float, float, float, float]
     received: tuple[float, float, float]
+    published: tuple[float, float, float] | None = None
+    """choreo only: when the relay marked each hop's event published (after Kafka's ack)."""
 
     @property
     def e2e(self) -> float:
@@ -57,6 +59,14 @@ class SagaTimes:
 
     def handler(self, i: int) -> float:
         return self.emitted[i + 1] - self.received[i]
+
+    def to_kafka(self, i: int) -> float:
+        assert self.published is not None
+        return self.published[i] - self.emitted[i]
+
+    def from_kafka(self, i: int) -> float:
+        assert self.published is not None
+        return self.received[i] - self.published[i]
 
 
 def percentiles(values: Sequence[float], scale: float = 1000.0) -> dict[str, float | int | None]:
@@ -82,30 +92,42 @@ def percentiles(values: Sequence[float], scale: float = 1000.0) -> dict[str, flo
 def summarize(sagas: Iterable[SagaTimes]) -> dict[str, Any]:
     """Distributions of e2e, of each hop, and of each handler (start to pre-commit), in ms."""
     sagas = list(sagas)
-    return {
+    summary: dict[str, Any] = {
         "sagas": len(sagas),
         "e2e_ms": percentiles([s.e2e for s in sagas]),
         "hop_ms": {HOPS[i]: percentiles([s.hop(i) for s in sagas]) for i in range(3)},
         "hop_all_ms": percentiles([s.hop(i) for s in sagas for i in range(3)]),
         "handler_ms": {STEPS[i]: percentiles([s.handler(i) for s in sagas]) for i in range(3)},
     }
+    relayed = [s for s in sagas if s.published is not None]
+    if relayed:
+        # A hop split at the relay's mark: commit -> Kafka's ack, then Kafka -> handler start.
+        summary["hop_to_kafka_ms"] = percentiles([s.to_kafka(i) for s in relayed for i in range(3)])
+        summary["hop_from_kafka_ms"] = percentiles([s.from_kafka(i) for s in relayed for i in range(3)])
+    return summary
 
 
 async def choreo_times(urls: Mapping[str, str], saga_ids: Sequence[str]) -> list[SagaTimes]:
     """The success-flow instants of `saga_ids`, from the three services' outboxes and inboxes."""
     wanted = list(saga_ids)
-    outbox: dict[str, dict[tuple[str, str], tuple[str, float]]] = {}  # db -> (saga, type) -> (event id, t)
+    # db -> (saga, type) -> (event id, created_at, published_at)
+    outbox: dict[str, dict[tuple[str, str], tuple[str, float, float | None]]] = {}
     inbox: dict[str, dict[str, float]] = {}  # db -> event id -> processed_at
     for database in ("orders", "customers", "payments"):
         conn = await asyncpg.connect(asyncpg_dsn(urls[database]))
         try:
             rows = await conn.fetch(
-                "SELECT saga_id, event_type, event_id, created_at FROM choreo_outbox"
+                "SELECT saga_id, event_type, event_id, created_at, published_at FROM choreo_outbox"
                 " WHERE saga_id = ANY($1::varchar[])",
                 wanted,
             )
             outbox[database] = {
-                (r["saga_id"], r["event_type"]): (r["event_id"], r["created_at"].timestamp()) for r in rows
+                (r["saga_id"], r["event_type"]): (
+                    r["event_id"],
+                    r["created_at"].timestamp(),
+                    r["published_at"].timestamp() if r["published_at"] else None,
+                )
+                for r in rows
             }
             consumer = next(c for db, _, c in _CHAIN if c.startswith(database + "."))
             rows = await conn.fetch("SELECT event_id, processed_at FROM choreo_inbox WHERE consumer = $1", consumer)
@@ -116,15 +138,17 @@ async def choreo_times(urls: Mapping[str, str], saga_ids: Sequence[str]) -> list
     result = []
     for saga_id in wanted:
         try:
-            emitted, received = [], []
+            emitted, received, published = [], [], []
             for database, event_type, _ in _CHAIN:
-                event_id, created = outbox[database][(saga_id, event_type)]
+                event_id, created, marked = outbox[database][(saga_id, event_type)]
                 emitted.append(created)
+                published.append(marked)
                 received.append(inbox[receivers[database]][event_id])
             emitted.append(outbox["orders"][(saga_id, "order.approved")][1])
         except KeyError:
             continue  # not (or not yet) through the success flow
-        result.append(SagaTimes(saga_id, tuple(emitted), tuple(received)))  # type: ignore[arg-type]
+        marks = tuple(published) if None not in published else None
+        result.append(SagaTimes(saga_id, tuple(emitted), tuple(received), marks))  # type: ignore[arg-type]
     return result
 
 

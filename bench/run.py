@@ -53,7 +53,7 @@ class Plan:
     """Closed-loop concurrency levels of the throughput scenarios; the best level counts."""
     warmup: float = 5.0
     duration: float = 20.0
-    rates: list[float] = field(default_factory=lambda: [25, 50, 100, 200, 300, 400, 600, 800, 1000])
+    rates: list[float] = field(default_factory=lambda: [10, 25, 50, 100, 200, 300, 400, 600, 800, 1000])
     """Offered loads of the latency scenarios, in sagas/s, run in order until one saturates."""
     step_duration: float = 20.0
     drain_timeout: float = 30.0
@@ -81,7 +81,7 @@ class Plan:
             concurrency=[16],
             warmup=2.0,
             duration=6.0,
-            rates=[25, 50, 100, 200, 400],
+            rates=[10, 25, 50, 100, 200],
             step_duration=5.0,
             drain_timeout=20.0,
             ceiling=[(1, 16)],
@@ -606,7 +606,7 @@ async def profile(env: Env, plan: Plan) -> dict[str, Any]:
     loads = []
     async with Shop(env, plan, "choreo", "choreo-profile") as shop:
         await shop.closed(16, 0.0, plan.warmup)
-        light_rate = plan.rates[0] / 2.5
+        light_rate = plan.rates[0]
         light = asyncio.create_task(shop.open(light_rate, seconds + 6))
         await asyncio.sleep(3)
         services = await _record(shop, py_spy, seconds, "light")
@@ -649,7 +649,7 @@ RUNNERS: dict[str, Callable[[Env, Plan], Any]] = {
 async def _wait_for_quiet(env: Env, limit: float = 0.25, patience: float = 60.0) -> None:
     """Wait (a bounded while) until other work on the machine leaves the cores to us."""
     deadline = time.time() + patience
-    await asyncio.sleep(4)
+    await asyncio.sleep(2.5)
     while (busy := env.quiet()) > limit and time.time() < deadline:
         log.warning("other processes use %.2f cores; waiting for them to finish", busy)
         await asyncio.sleep(5)
@@ -668,6 +668,7 @@ async def run_all(env: Env, plan: Plan, only: list[str]) -> dict[str, Any]:
             log.info("scenario %s", name)
             results[name] = await RUNNERS[name](env, plan)
             results[name]["seconds"] = round(time.time() - began, 1)
+            results[name]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(began))
     return results
 
 
