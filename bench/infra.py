@@ -297,6 +297,7 @@ def postgres_pids(databases: Iterable[str] = ()) -> list[int]:
 
 MACHINE = "(machine)"
 OTHER = "other processes"
+STOLEN = "stolen"
 
 
 @dataclass
@@ -386,6 +387,7 @@ class Sampler:
         machine = psutil.cpu_times()
         totals = dict(self._totals)
         totals[MACHINE] = sum(getattr(machine, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq"))
+        totals[STOLEN] = getattr(machine, "steal", 0.0)
         self.samples.append(Sample(now, rss, totals))
 
     def cpu_between(self, t0: float, t1: float) -> dict[str, float]:
@@ -398,7 +400,10 @@ class Sampler:
         cores = {name: (last.cpu.get(name, 0.0) - first.cpu.get(name, 0.0)) / span for name in last.cpu}
         # What the machine did besides the tracked processes (other work on a shared host).
         busy = cores.pop(MACHINE, 0.0)
+        stolen = cores.pop(STOLEN, 0.0)
         cores[OTHER] = max(0.0, busy - sum(cores.values()))
+        # Time the hypervisor ran someone else while we had work: the host's noise, not ours.
+        cores[STOLEN] = stolen
         return {name: round(value, 3) for name, value in cores.items()}
 
     def rss_series(self, name: str, t0: float = 0.0, t1: float = float("inf")) -> list[tuple[float, int]]:

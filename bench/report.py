@@ -58,6 +58,7 @@ def _component_rows(runs: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
         rows.append(
             [label, _fmt(run.get("sagas_per_s")), _fmt(cpu.get("total_cores"), 2)]
             + [f"{_fmt(cores.get(c), 2)} / {_fmt(per.get(c))}" if c in cores else "-" for c in COMPONENTS]
+            + [_fmt(cpu.get("stolen_cores"), 2)]
         )
     return rows
 
@@ -151,6 +152,7 @@ def _latency_rows(steps: list[dict[str, Any]], system: str) -> list[list[Any]]:
                 " / ".join(_fmt(s["handler_ms"][k]["p50"]) for k in ("customers", "payments", "orders")),
                 _fmt(s["cpu"].get("total_cores"), 2),
                 _fmt(s["cpu"].get("cores", {}).get("other processes"), 2),
+                _fmt(s["cpu"].get("stolen_cores"), 2),
                 s["saturated"] or "no",
             ]
         )
@@ -286,7 +288,9 @@ def render(results: dict[str, Any]) -> str:
         "JVM. The tables below show, for each run, the cores each component used and its CPU "
         "milliseconds per completed saga (sampled with psutil once a second); *other processes* is "
         "what the machine did besides them — other work on this shared host, and the kernel's "
-        "loopback networking."
+        "loopback networking; *stolen* is time the hypervisor gave this VM's cores to someone else "
+        "(recorded from the second full run on). Two full runs an hour apart differed by up to 20% "
+        "in choreo's throughput: read differences below that as noise."
     )
     add("")
 
@@ -306,7 +310,7 @@ def render(results: dict[str, Any]) -> str:
                 data = data.get("throughput") or {}
             for run in data.get("runs", []):
                 runs.append((f"{label}, {run['concurrency']} in flight", run))
-        add(_table(["run", "sagas/s", "cores", *COMPONENTS], _component_rows(runs)))
+        add(_table(["run", "sagas/s", "cores", *COMPONENTS, "stolen"], _component_rows(runs)))
         add("")
         add("Database work per saga (from `pg_stat_database`, all three databases, the driver's polling excluded):")
         add("")
@@ -409,6 +413,7 @@ def render(results: dict[str, Any]) -> str:
                     "handler p50 (c/p/o)",
                     "cores",
                     "other",
+                    "stolen",
                     "saturated",
                 ],
                 rows,

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from bench import measure
 from bench.infra import (
     OTHER,
     ROOT,
+    STOLEN,
     DatabaseFactory,
     Proc,
     Procs,
@@ -129,8 +131,6 @@ class Env:
 
 async def run_json_process(env: Env, module: str, name: str, spec: dict[str, Any], timeout: float) -> Any:
     """Run `python -m <module> spec.json out.json` (tracked by the sampler); its JSON output."""
-    import sys
-
     directory = env.work / "specs"
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{uuid.uuid4().hex[:6]}"
@@ -198,9 +198,10 @@ class Shop:
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        for proc in self.procs.running:
-            self.env.sampler.untrack(proc.name)
+        names = [proc.name for proc in self.procs.running]
         self.procs.stop()
+        for name in names:  # after stopping: their shutdown is theirs, not "other processes"
+            self.env.sampler.untrack(name)
 
     def _kafka_env(self) -> dict[str, str]:
         env = {
@@ -312,13 +313,14 @@ class Shop:
 def _cpu(env: Env, window: tuple[float, float], throughput: float) -> dict[str, Any]:
     """Cores used per component in `window`, and CPU milliseconds per completed saga."""
     cores = env.sampler.cpu_between(*window)
+    stolen = cores.pop(STOLEN, 0.0)
     merged: dict[str, float] = {}
     for name, value in cores.items():
         key = DRIVER_GROUP if name.startswith(DRIVER_GROUP) else name
         merged[key] = round(merged.get(key, 0.0) + value, 3)
     total = round(sum(merged.values()), 3)
     per_saga = {k: round(v / throughput * 1000, 2) for k, v in merged.items()} if throughput else {}
-    return {"cores": merged, "total_cores": total, "cpu_ms_per_saga": per_saga}
+    return {"cores": merged, "total_cores": total, "cpu_ms_per_saga": per_saga, "stolen_cores": round(stolen, 3)}
 
 
 def _window(result: dict[str, Any]) -> tuple[float, float]:
@@ -388,7 +390,7 @@ async def latency(env: Env, plan: Plan, system: str = "choreo") -> dict[str, Any
     """Open loop at each offered rate until the system saturates; latencies from recorded instants."""
     steps = []
     async with Shop(env, plan, system, f"{system}-latency") as shop:
-        await shop.closed(16, 0.0, plan.warmup)  # connections, metadata and JIT-free warm caches
+        await shop.closed(16, 0.0, plan.warmup)  # warm connections, Kafka metadata and caches
         for rate in plan.rates:
             result = await shop.open(rate, plan.step_duration)
             times = await shop.times(result["sagas"])
@@ -596,7 +598,6 @@ async def _record(shop: Shop, py_spy: str, seconds: int, tag: str) -> dict[str, 
 async def profile(env: Env, plan: Plan) -> dict[str, Any]:
     """choreo's services recorded with py-spy, at a light open-loop rate and at full load."""
     import shutil
-    import sys
 
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
