@@ -9,13 +9,13 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from faststream import AckPolicy
+from aiokafka.errors import ConsumerStoppedError, IllegalStateError, KafkaError, TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.security import parse_security
@@ -72,6 +72,8 @@ class KafkaTransport:
         }
         options.update(settings.client_options)
         self.broker = KafkaBroker(settings.bootstrap_servers, security=self._security, **options)
+        self.client_id = client_id
+        self._members: list[_GroupMember] = []
 
     def subscribe(self, topic: str, group_id: str, on_record: OnRecord) -> None:
         """Deliver `topic`'s records to `on_record` one at a time (see `subscribe_batches`)."""
@@ -87,44 +89,42 @@ class KafkaTransport:
         self.subscribe_batches(topics, group_id, one_by_one)
 
     def subscribe_batches(self, topics: Sequence[str], group_id: str, on_batch: OnBatch) -> None:
-        """Deliver what each poll returns to `on_batch`; commit the offsets after it returns.
+        """Deliver what each poll returns to `on_batch`, as one member of `group_id`.
 
-        `on_batch` must not raise for a record it could not process (it dead-letters it):
-        offsets are committed only after it returns, and with a manual ack policy a raised
-        exception would let the next batch's commit skip past these records. One commit per
-        batch rather than per record is what lets a consumer keep up with its database.
+        Offsets are committed only after `on_batch` returns, so it must not raise for a record
+        it could not process (it dead-letters it); if it raises anyway (a bug), the batch is
+        delivered again. Takes effect at `start()`.
         """
-        subscriber = self.broker.subscriber(
-            *[self.settings.topic_prefix + topic for topic in topics],
-            group_id=group_id,
-            batch=True,
-            max_records=self.settings.max_poll_records,
-            ack_policy=AckPolicy.MANUAL,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
-        )
+        topics = tuple(self.settings.topic_prefix + topic for topic in topics)
+        self._members.append(_GroupMember(self, topics, group_id, on_batch))
 
-        @subscriber
-        async def consume(message: KafkaMessage) -> None:
+    def route_in_memory(self) -> KafkaBroker:
+        """Deliver this transport's publishes to FastStream subscribers, for `TestKafkaBroker`.
+
+        In memory there is no fetching, committing or rebalancing: each subscription becomes a
+        FastStream batch subscriber that hands records to the same `on_batch`.
+        """
+        for member in self._members:
+            self.broker.subscriber(*member.topics, group_id=member.group_id, batch=True)(
+                self._deliverer(member.on_batch)
+            )
+        self._members.clear()
+        return self.broker
+
+    def _deliverer(self, on_batch: OnBatch) -> Callable[[KafkaMessage], Awaitable[None]]:
+        async def deliver(message: KafkaMessage) -> None:
             raw: Any = message.raw_message
-            try:
-                await on_batch([self._record(r) for r in (raw if isinstance(raw, tuple | list) else (raw,))])
-            except Exception:
-                # Only a bug gets here (records that fail are dead-lettered). Rewind to the
-                # batch's first offsets so it comes again, instead of letting the next
-                # commit skip it; the inbox absorbs the records that did commit.
-                log.exception("consumer of %s failed; the batch will be delivered again", ", ".join(topics))
-                await message.nack()
-                raise
-            await message.ack()
+            await on_batch([self._record(r) for r in (raw if isinstance(raw, tuple | list) else (raw,))])
+
+        return deliver
 
     async def lag(self) -> dict[str, int]:
         """Records not yet consumed, per assigned partition (`topic/partition`), as last fetched."""
         lags: dict[str, int] = {}
-        for subscriber in self.broker.subscribers:
-            consumer: Any = getattr(subscriber, "consumer", None)
-            if consumer is None or not hasattr(consumer, "assignment"):
-                continue  # not started, or an in-memory test consumer
+        for member in self._members:
+            consumer = member.consumer
+            if consumer is None:
+                continue  # not started
             for partition in consumer.assignment():
                 highwater = consumer.highwater(partition)
                 if highwater is None:
@@ -171,9 +171,13 @@ class KafkaTransport:
     async def start(self) -> None:
         """Connect the producer and start the consumers."""
         await self.broker.start()
+        for member in self._members:
+            await member.start()
 
     async def stop(self) -> None:
-        """Stop consuming and flush the producer."""
+        """Stop consuming (committing what was processed) and flush the producer."""
+        for member in self._members:
+            await member.stop()
         await self.broker.stop()
 
     async def publish(self, records: Sequence[OutboxRecord]) -> list[BaseException | None]:
@@ -209,3 +213,148 @@ class KafkaTransport:
             else:
                 outcomes.append(None)  # an in-memory test broker delivers synchronously
         return outcomes
+
+
+class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
+    """One consumer-group member: fetches, hands each poll to `on_batch`, commits what it processed.
+
+    choreo drives aiokafka itself here rather than through a FastStream subscriber: it needs
+    raw records, control over when offsets are committed, and a hand-over on rebalance.
+    Commits are coalesced to at most one per `commit_interval_ms`, in the background: with a
+    commit after every small batch, OffsetCommit requests were most of the broker's CPU. A
+    commit still covers only records whose outcome is durable; what a crash leaves
+    uncommitted is delivered again and absorbed by the inbox.
+    """
+
+    def __init__(self, transport: KafkaTransport, topics: tuple[str, ...], group_id: str, on_batch: OnBatch) -> None:
+        self.transport = transport
+        self.topics = topics
+        self.group_id = group_id
+        self.on_batch = on_batch
+        self.consumer: AIOKafkaConsumer | None = None
+        self._processed: dict[TopicPartition, int] = {}
+        """Per partition, the offset after the last record with a durable outcome."""
+        self._committed: dict[TopicPartition, int] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._last_commit = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._committer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        settings = self.transport.settings
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers,
+            group_id=self.group_id,
+            client_id=self.transport.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
+            **parse_security(self.transport._security),
+        )
+        consumer.subscribe(list(self.topics), listener=self)
+        await consumer.start()
+        self.consumer = consumer
+        self._task = asyncio.create_task(self._run(consumer), name=f"choreo-consumer-{self.group_id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            # Let the batch in hand finish rather than roll its transactions back.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), _DRAIN_TIMEOUT)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._committer is not None:
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+            self._committer = None
+        if self.consumer is not None:
+            await self._commit()
+            await self.consumer.stop()
+            self.consumer = None
+
+    async def _run(self, consumer: AIOKafkaConsumer) -> None:
+        settings = self.transport.settings
+        failures = 0
+        while True:
+            try:
+                polled = await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=settings.max_poll_records)
+            except ConsumerStoppedError:
+                return
+            except KafkaError as error:
+                log.warning("consumer %s cannot fetch (%s); retrying", self.group_id, error)
+                await asyncio.sleep(1.0)
+                continue
+            if not polled:
+                continue
+            self._idle.clear()
+            try:
+                await self.on_batch([self.transport._record(r) for records in polled.values() for r in records])
+            except Exception:
+                # Only a bug gets here (records that fail are dead-lettered). Rewind to the
+                # batch's first offsets so it comes again; the inbox absorbs what did commit.
+                failures += 1
+                log.exception("consumer %s failed; the batch will be delivered again", self.group_id)
+                for partition, records in polled.items():
+                    with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+                        consumer.seek(partition, records[0].offset)
+                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                continue
+            finally:
+                self._idle.set()
+            failures = 0
+            for partition, records in polled.items():
+                self._processed[partition] = records[-1].offset + 1
+            if self._committer is None or self._committer.done():
+                self._committer = asyncio.create_task(self._commit_soon())
+
+    async def _commit_soon(self) -> None:
+        interval = self.transport.settings.commit_interval_ms / 1000
+        loop = asyncio.get_running_loop()
+        while self._uncommitted():
+            await asyncio.sleep(max(0.0, self._last_commit + interval - loop.time()))
+            await self._commit()
+
+    def _uncommitted(self) -> dict[TopicPartition, int]:
+        assigned = self.consumer.assignment() if self.consumer is not None else set()
+        return {
+            partition: offset
+            for partition, offset in self._processed.items()
+            if partition in assigned and self._committed.get(partition) != offset
+        }
+
+    async def _commit(self) -> None:
+        offsets = self._uncommitted()
+        if not offsets or self.consumer is None:
+            return
+        self._last_commit = asyncio.get_running_loop().time()
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as error:
+            # A rebalance or a coordinator move: these records will be delivered again
+            # (to whichever member owns them now) and the inbox will recognize them.
+            log.info("consumer %s could not commit offsets (%s); they will be retried", self.group_id, error)
+            return
+        self._committed.update(offsets)
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        # Hand over cleanly: finish the batch in hand and commit it, so the next owner
+        # starts after it instead of processing it again beside us.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), _DRAIN_TIMEOUT)
+        await self._commit()
+        for partition in revoked:
+            self._processed.pop(partition, None)
+            self._committed.pop(partition, None)
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        pass
+
+
+_POLL_TIMEOUT_MS = 1000
+"""How long one poll waits for records; it returns as soon as any arrive."""
+_DRAIN_TIMEOUT = 10.0
+"""How long a rebalance or a stop waits for the batch in hand before moving on without it."""

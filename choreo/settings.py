@@ -86,7 +86,10 @@ class KafkaSettings:
     sasl_username: str | None = None
     sasl_password: str | None = None
     max_poll_records: int = 500
-    """Records handed to the consumer per poll; their offsets are committed together."""
+    """Records handed to the consumer per poll."""
+    commit_interval_ms: int = 100
+    """Consumed offsets are committed at most this often (records are deduplicated by the inbox
+    if a crash makes Kafka deliver them again)."""
     topic_prefix: str = ""
     """Prepended to every topic on the wire, so several environments can share a cluster."""
     client_options: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +110,7 @@ class KafkaSettings:
             bootstrap_servers=servers[1] if servers else cls.bootstrap_servers,
             fetch_max_wait_ms=_int("KAFKA_FETCH_MAX_WAIT_MS", service, env, 500, 0),
             max_poll_records=_int("KAFKA_MAX_POLL_RECORDS", service, env, 500, 1),
+            commit_interval_ms=_int("KAFKA_COMMIT_INTERVAL_MS", service, env, 100, 0),
             idempotence=_bool("KAFKA_IDEMPOTENCE", service, env, True),
             partitions=_int("KAFKA_PARTITIONS", service, env, 1, 1) if partitions else None,
             security_protocol=protocol[1].upper() if protocol else "PLAINTEXT",

@@ -1,4 +1,4 @@
-"""Run services against FastStream's in-memory Kafka: same code path, no broker.
+"""Run services against FastStream's in-memory Kafka: the same handlers, units of work and relay, no broker.
 
 async with choreo.testing.in_memory(orders, customers):
     async with orders.transaction() as tx:
@@ -28,7 +28,7 @@ async def in_memory(*services: Service) -> AsyncIterator[tuple[Service, ...]]:
 
     Delivery is synchronous: the relay's publish runs the consuming handlers before it returns.
     """
-    brokers = [(await service._open(ensure_topics=False)).broker for service in services]
+    brokers = [(await service._open(ensure_topics=False)).route_in_memory() for service in services]
     try:
         async with TestKafkaBroker(*brokers):
             for service in services:

@@ -200,8 +200,8 @@ async def place(orders: Service, order_id: str, amount: int) -> str:
 @asynccontextmanager
 async def traced_in_memory(collector: TraceCollector, *services: Service) -> AsyncIterator[TraceCollector]:
     """Like `choreo.testing.in_memory`, with `collector` consuming the same in-memory Kafka."""
-    brokers = [(await service._open(ensure_topics=False)).broker for service in services]
-    brokers.append((await collector.open(ensure_topics=False)).broker)
+    brokers = [(await service._open(ensure_topics=False)).route_in_memory() for service in services]
+    brokers.append((await collector.open(ensure_topics=False)).route_in_memory())
     try:
         async with TestKafkaBroker(*brokers):
             for service in services:
