@@ -93,7 +93,7 @@ class KafkaSettings:
     topic_prefix: str = ""
     """Prepended to every topic on the wire, so several environments can share a cluster."""
     client_options: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for FastStream's KafkaBroker (e.g. `ssl_context`)."""
+    """Extra keyword arguments for aiokafka's producer (e.g. `linger_ms`, `compression_type`)."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> KafkaSettings:
