@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import event, exc, text
+from sqlalchemy import bindparam, event, exc, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
@@ -92,6 +91,14 @@ def insert_ignoring_duplicates(table: Any, dialect_name: str) -> Insert:
     return sqlite.insert(table).on_conflict_do_nothing()
 
 
+# Built once: the inbox claim runs for every record a handler processes. ON CONFLICT DO NOTHING
+# reads the same on PostgreSQL and SQLite.
+_CLAIM_INBOX = text(
+    "INSERT INTO choreo_inbox (consumer, event_id, processed_at)"
+    " VALUES (:consumer, :event_id, :processed_at) ON CONFLICT DO NOTHING"
+).bindparams(*(bindparam(column.name, type_=column.type) for column in inbox_table.c))
+
+
 async def claim_inbox(session: AsyncSession, consumer: str, event_id: str, now: Any) -> bool:
     """Insert the inbox row; False when this consumer already processed the event.
 
@@ -99,34 +106,8 @@ async def claim_inbox(session: AsyncSession, consumer: str, event_id: str, now: 
     on PostgreSQL, and when a concurrent transaction holds the same key it waits for that
     transaction's outcome instead of processing the event a second time.
     """
-    dialect = dialect_of(session)
-    statement = insert_ignoring_duplicates(inbox_table, dialect).values(
-        consumer=consumer, event_id=event_id, processed_at=now
-    )
-    result = await session.execute(statement)
+    result = await session.execute(_CLAIM_INBOX, {"consumer": consumer, "event_id": event_id, "processed_at": now})
     return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-async def lock_keys_and_notify(session: AsyncSession, keys: Sequence[str]) -> None:
-    """Before writing outbox rows: serialize emitters per key, and wake relays (PostgreSQL only).
-
-    Outbox ids come from a sequence, which hands out numbers at insert time, not commit time:
-    two transactions emitting for one key could commit in the opposite order of their ids, and
-    the relay would publish the later event first. A transaction-scoped advisory lock per key,
-    taken before the insert, makes id order equal commit order for each key. Keys are locked
-    in hash order so that two transactions sharing several keys cannot deadlock. The NOTIFY
-    rides in the same statement (PostgreSQL delivers it at commit) to save a round trip.
-    """
-    if not is_postgres(session):
-        return
-    await session.execute(
-        text(
-            "SELECT pg_notify(:channel, ''), (SELECT count(pg_advisory_xact_lock(h)) FROM ("
-            " SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(CAST(:keys AS text[])) AS k"
-            " ORDER BY h) AS hashed)"
-        ),
-        {"channel": NOTIFY_CHANNEL, "keys": list(keys)},
-    )
 
 
 async def lock_schema(conn: AsyncConnection) -> None:

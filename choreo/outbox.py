@@ -1,4 +1,10 @@
-"""Writing events to the outbox inside the caller's transaction, and reading them back."""
+"""Writing events to the outbox inside the caller's transaction, and reading them back.
+
+The statements here run for every event, so they are built once, at import: executing a prebuilt
+statement skips SQLAlchemy's per-call construction and cache-key generation. Their bind
+parameters carry the columns' types, so datetimes and JSON headers are converted exactly as the
+table's own columns convert them, on either dialect.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Integer, bindparam, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from choreo.database import lock_keys_and_notify
+from choreo.database import NOTIFY_CHANNEL, is_postgres
 from choreo.envelope import Envelope
 from choreo.events import Event
-from choreo.tables import outbox_table
+from choreo.tables import UtcDateTime, outbox_table
 
 _outbox = outbox_table
 
@@ -38,6 +44,79 @@ class OutboxRecord:
     key: str | None
     headers: dict[str, str]
     payload: bytes
+
+
+# The columns a writer supplies: all but `id` (from the sequence) and `published_at`.
+_WRITTEN = (
+    "event_id",
+    "topic",
+    "key",
+    "event_type",
+    "event_version",
+    "saga_id",
+    "headers",
+    "payload",
+    "created_at",
+    "available_at",
+)
+_WRITTEN_BINDS = [bindparam(name, type_=_outbox.c[name].type) for name in _WRITTEN]
+_COLUMNS = ", ".join(f'"{name}"' for name in _WRITTEN)
+_VALUES = ", ".join(f":{name}" for name in _WRITTEN)
+
+_INSERT = text(f"INSERT INTO choreo_outbox ({_COLUMNS}) VALUES ({_VALUES})").bindparams(*_WRITTEN_BINDS)
+
+# PostgreSQL: the first row of a transaction's batch also serializes emitters per key and wakes
+# the relays, in the same statement.
+#
+# Outbox ids come from a sequence, which hands out numbers at insert time, not commit time: two
+# transactions emitting for one key could commit in the opposite order of their ids, and the
+# relay would publish the later event first. A transaction-scoped advisory lock per key, taken
+# before the row's id is drawn, makes id order equal commit order for each key. Here the locks
+# are taken in the materialized CTE, and the inserted row comes out of that CTE only through
+# `WHERE locks >= 0`: the id default is evaluated for a row the CTE has produced, so after every
+# lock is held. Keys are locked in hash order so that two transactions sharing several keys
+# cannot deadlock. The NOTIFY is delivered at commit.
+_LOCK_NOTIFY_INSERT = text(
+    "WITH locked AS MATERIALIZED ("
+    f" SELECT pg_notify('{NOTIFY_CHANNEL}', ''), (SELECT count(pg_advisory_xact_lock(h)) FROM ("
+    " SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(CAST(:keys AS text[])) AS k"
+    " ORDER BY h) AS hashed) AS locks)"
+    f" INSERT INTO choreo_outbox ({_COLUMNS}) SELECT {_VALUES} FROM locked WHERE locked.locks >= 0"
+).bindparams(*_WRITTEN_BINDS)
+
+_DUE_BINDS = (bindparam("now", type_=UtcDateTime), bindparam("limit", type_=Integer))
+_RECORD_COLUMNS = (_outbox.c.id, _outbox.c.topic, _outbox.c.key, _outbox.c.headers, _outbox.c.payload)
+
+# Due rows in id order, from two partial indexes (see `tables.OutboxRow`): rows due when written
+# are read in id order straight off their index, at most `limit` of them however long the
+# backlog; scheduled rows (available_at > created_at) are found by due time, so the pending
+# ones cost nothing; the two short lists are merged by id. A single index cannot serve both: in
+# id order every poll walks past all pending deadlines, in due-time order every poll of a
+# backlog reads all of it to find the smallest ids.
+_FETCH_DUE = (
+    text(
+        'SELECT id, topic, "key", headers, payload FROM ('
+        " SELECT * FROM ("
+        '  SELECT id, topic, "key", headers, payload FROM choreo_outbox'
+        "  WHERE published_at IS NULL AND available_at <= created_at ORDER BY id LIMIT :limit) AS immediate"
+        " UNION ALL"
+        " SELECT * FROM ("
+        '  SELECT id, topic, "key", headers, payload FROM choreo_outbox'
+        "  WHERE published_at IS NULL AND available_at > created_at AND available_at <= :now"
+        "  ORDER BY id LIMIT :limit) AS scheduled"
+        ") AS due ORDER BY id LIMIT :limit"
+    )
+    .bindparams(*_DUE_BINDS)
+    .columns(*_RECORD_COLUMNS)
+)
+
+# One statement text whatever the batch size, so asyncpg prepares it once.
+_MARK_PUBLISHED_POSTGRES = text(
+    "UPDATE choreo_outbox SET published_at = :now WHERE id = ANY(CAST(:ids AS bigint[]))"
+).bindparams(bindparam("now", type_=UtcDateTime))
+_MARK_PUBLISHED_SQLITE = text("UPDATE choreo_outbox SET published_at = :now WHERE id IN :ids").bindparams(
+    bindparam("now", type_=UtcDateTime), bindparam("ids", expanding=True)
+)
 
 
 async def write(session: AsyncSession, pending: Sequence[PendingEvent], now: datetime) -> None:
@@ -66,24 +145,26 @@ async def write_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> N
     """Insert prepared outbox rows (all columns but id and published_at), in order."""
     if not rows:
         return
-    await lock_keys_and_notify(session, [row["key"] for row in rows if row["key"] is not None])
-    # One statement per row: ids then follow emit order on every driver.
-    for row in rows:
-        await session.execute(insert(_outbox), row)
+    first, rest = rows[0], rows[1:]
+    if is_postgres(session):
+        keys = [row["key"] for row in rows if row["key"] is not None]
+        await session.execute(_LOCK_NOTIFY_INSERT, {**first, "keys": keys})
+    else:
+        await session.execute(_INSERT, first)
+    if rest:
+        # One execution per row, in order, so ids follow emit order on every driver (a
+        # multi-row INSERT leaves the order of its ids to the plan); asyncpg pipelines them.
+        await session.execute(_INSERT, list(rest))
 
 
 async def fetch_due(conn: AsyncConnection, now: datetime, limit: int) -> list[OutboxRecord]:
     """The oldest unpublished rows that are due, in id (= publication) order."""
-    result = await conn.execute(
-        select(_outbox.c.id, _outbox.c.topic, _outbox.c.key, _outbox.c.headers, _outbox.c.payload)
-        .where(_outbox.c.published_at.is_(None), _outbox.c.available_at <= now)
-        .order_by(_outbox.c.id)
-        .limit(limit)
-    )
+    result = await conn.execute(_FETCH_DUE, {"now": now, "limit": limit})
     return [OutboxRecord(r.id, r.topic, r.key, r.headers, r.payload) for r in result]
 
 
 async def mark_published(conn: AsyncConnection, ids: Sequence[int], now: datetime) -> None:
     """Record that rows reached Kafka."""
     if ids:
-        await conn.execute(update(_outbox).where(_outbox.c.id.in_(ids)).values(published_at=now))
+        statement = _MARK_PUBLISHED_POSTGRES if is_postgres(conn) else _MARK_PUBLISHED_SQLITE
+        await conn.execute(statement, {"now": now, "ids": list(ids)})

@@ -62,6 +62,7 @@ class Relay:
         poll_interval: float = 1.0,
         standby_interval: float = 1.0,
         max_backoff: float = 5.0,
+        linger: float = 0.001,
     ) -> None:
         self.engine = engine
         self.publisher = publisher
@@ -70,6 +71,8 @@ class Relay:
         self.poll_interval = poll_interval
         self.standby_interval = standby_interval
         self.max_backoff = max_backoff
+        self.linger = linger
+        """Seconds to wait after a wake-up before reading, so commits arriving together share a batch."""
         self.stats = RelayStats()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -173,6 +176,12 @@ class Relay:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
             self.stats.wakeups += 1
+            if self.linger > 0:
+                # Commits come in bursts (a consumer batch, concurrent requests): lingering a
+                # moment lets one SELECT, one produce and one UPDATE carry the whole burst.
+                await asyncio.sleep(self.linger)
+        # Cleared before reading: a commit that wakes us from here on is either seen by the
+        # coming read or wakes the next one.
         self._wake.clear()
 
     def _backoff(self, failures: int) -> float:

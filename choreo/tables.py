@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import registry
@@ -64,14 +65,29 @@ class OutboxRow(_ChoreoTable, table=True):
 
     __tablename__ = "choreo_outbox"
     __table_args__ = (
-        # The relay's only query: unpublished rows in id order. A partial index stays small.
+        # The relay's query (see `outbox.fetch_due`), in two parts. Rows due when written (all
+        # but scheduled ones) in id order: a backlog is read a batch at a time, from the front.
         Index(
-            "ix_choreo_outbox_unpublished",
+            "ix_choreo_outbox_pending",
             "id",
-            postgresql_where=Column("published_at").is_(None),
-            sqlite_where=Column("published_at").is_(None),
+            postgresql_where=text("published_at IS NULL AND available_at <= created_at"),
+            sqlite_where=text("published_at IS NULL AND available_at <= created_at"),
         ),
-        Index("ix_choreo_outbox_published_at", "published_at"),
+        # Scheduled rows (saga deadlines) by due time, so the many not yet due are never read.
+        Index(
+            "ix_choreo_outbox_scheduled",
+            "available_at",
+            postgresql_where=text("published_at IS NULL AND available_at > created_at"),
+            sqlite_where=text("published_at IS NULL AND available_at > created_at"),
+        ),
+        # For retention. Unpublished rows are left out: inserts skip this index, and the planner
+        # cannot mistake it for a way to the unpublished rows.
+        Index(
+            "ix_choreo_outbox_published",
+            "published_at",
+            postgresql_where=Column("published_at").isnot(None),
+            sqlite_where=Column("published_at").isnot(None),
+        ),
     )
 
     id: int | None = Field(default=None, sa_column=Column(_BigId, primary_key=True, autoincrement=True))
