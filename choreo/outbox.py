@@ -157,6 +157,17 @@ async def write_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> N
         await session.execute(_INSERT, list(rest))
 
 
+_WITHDRAW = text("DELETE FROM choreo_outbox WHERE event_id IN :event_ids AND published_at IS NULL").bindparams(
+    bindparam("event_ids", expanding=True)
+)
+
+
+async def withdraw(session: AsyncSession, event_ids: Sequence[str]) -> None:
+    """Delete scheduled events that have become moot, unless they are already published."""
+    if event_ids:
+        await session.execute(_WITHDRAW, {"event_ids": list(event_ids)})
+
+
 async def fetch_due(conn: AsyncConnection, now: datetime, limit: int) -> list[OutboxRecord]:
     """The oldest unpublished rows that are due, in id (= publication) order."""
     result = await conn.execute(_FETCH_DUE, {"now": now, "limit": limit})

@@ -11,12 +11,16 @@
 When a transaction emits the `starts` event, the same transaction schedules the event
 returned by `on_deadline` in the starting service's outbox, due at the deadline. The relay
 publishes it then like any other event; the service's own handler for it decides whether the
-saga is still open (e.g. reject a pending order) or long finished (do nothing).
+saga is still open (e.g. reject a pending order) or long finished (do nothing). When the
+starting service itself emits one of `ends` first, that transaction withdraws the timeout
+(deletes it from the outbox unless it is already published), so a finished saga usually costs
+no timeout at all; the handler must still tolerate one that was already on its way.
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -26,6 +30,8 @@ from choreo.events import Event, describe, is_event_type
 from choreo.exceptions import SetupError
 
 _SAGA_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
+_TIMEOUT_IDS = uuid.UUID("5f0c1f9e-7d3a-4c57-9a0e-2f6b1d8c4e21")
+"""Namespace of the timeouts' event ids, derived from saga name and saga id."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,10 @@ class Saga:
             raise SetupError(f"{where}: deadline must be positive")
         if self.on_deadline is not None and self.timeout_event is None:
             raise SetupError(f"{where}: name the timeout event's class with timeout_event=")
+
+    def timeout_id(self, saga_id: str) -> str:
+        """The event id of this saga's timeout for one saga instance, known without a lookup."""
+        return str(uuid.uuid5(_TIMEOUT_IDS, f"{self.name}/{saga_id}"))
 
     @property
     def end_names(self) -> frozenset[str]:

@@ -343,6 +343,7 @@ class Service:
             # Written last, on the same session: business rows, inbox row and events
             # commit together or not at all.
             await outbox.write(session, tx.pending, utcnow())
+            await outbox.withdraw(session, tx.withdrawn)
         if (tx.pending or tx.wake_relay) and self._relay is not None:
             self._relay.wake()
 

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from choreo import otel
-from choreo.envelope import Envelope, utcnow
+from choreo.envelope import Envelope, new_id, utcnow
 from choreo.events import Event, describe, is_event_type
 from choreo.exceptions import UndeclaredEmitError
 from choreo.outbox import PendingEvent
@@ -38,6 +38,13 @@ class Tx:
         self.handler = handler
         self._allowed = allowed
         self._sagas = {saga.starts: saga for saga in sagas}
+        self._ended_by: dict[type[Event], list[Saga]] = {}
+        for saga in sagas:
+            if saga.deadline is not None:
+                for end in saga.ends:
+                    self._ended_by.setdefault(end, []).append(saga)
+        self.withdrawn: list[str] = []
+        """Event ids of scheduled timeouts this transaction makes moot (their sagas ended)."""
         self._pending: list[PendingEvent] = []
         self.wake_relay = False
         """Set when outbox rows were written besides `emit()`, so the relay is woken on commit."""
@@ -74,6 +81,31 @@ class Tx:
         if at is not None and at.tzinfo is None:
             raise ValueError("emit(at=...) needs a timezone-aware datetime")
         now = utcnow()
+        available_at = at if at is not None else now + (delay or timedelta(0))
+        event_id = self._queue(event, key=key, available_at=available_at, now=now)
+        saga = self._sagas.get(event_type)
+        if saga is not None and saga.deadline is not None and saga.on_deadline is not None:
+            # The deadline travels in the same transaction as the start: a saga can never
+            # start without its timeout being scheduled.
+            timeout = saga.on_deadline(event)
+            self._allowed = None if self._allowed is None else self._allowed | {type(timeout)}
+            self._queue(timeout, available_at=now + saga.deadline, now=now, event_id=saga.timeout_id(self.saga_id))
+        for ended in self._ended_by.get(event_type, ()):
+            # The saga ended here, in the service that scheduled its timeout: the timeout
+            # would find nothing to do, so it is withdrawn in this same transaction.
+            self.withdrawn.append(ended.timeout_id(self.saga_id))
+        return event_id
+
+    def _queue(
+        self,
+        event: Event,
+        *,
+        available_at: datetime,
+        now: datetime,
+        key: str | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        event_type = type(event)
         envelope = Envelope(
             event_type=event_type.event_name,
             event_version=event_type.event_version,
@@ -83,8 +115,8 @@ class Tx:
             handler=self.handler,
             occurred_at=now,
             traceparent=otel.current_traceparent(),
+            event_id=event_id or new_id(),
         )
-        available_at = at if at is not None else now + (delay or timedelta(0))
         self._pending.append(
             PendingEvent(
                 event=event,
@@ -94,13 +126,6 @@ class Tx:
                 available_at=available_at,
             )
         )
-        saga = self._sagas.get(event_type)
-        if saga is not None and saga.deadline is not None and saga.on_deadline is not None:
-            # The deadline travels in the same transaction as the start: a saga can never
-            # start without its timeout being scheduled.
-            timeout = saga.on_deadline(event)
-            self._allowed = None if self._allowed is None else self._allowed | {type(timeout)}
-            self.emit(timeout, at=now + saga.deadline)
         return envelope.event_id
 
     def emit_result(self, result: object) -> None:

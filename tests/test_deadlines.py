@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 
 from choreo import Event, Service, SetupError, Tx
-from choreo.testing import in_memory
+from choreo.tables import outbox_table
+from choreo.testing import in_memory, settle
 from tests.test_core_infra import eventually
 from tests.toy import OrderConfirmed, OrderPlaced, ToyOrder, order_status, place_order, shop_metadata
 
@@ -65,6 +68,40 @@ async def test_a_finished_saga_ignores_its_timeout(tmp_path: Path) -> None:
 
         await eventually(timeout_handled, timeout=10)
         assert await order_status(shop, "quick") == "CONFIRMED"
+
+
+async def test_a_saga_ended_by_its_starting_service_withdraws_its_timeout(tmp_path: Path) -> None:
+    shop = shop_with_deadline(tmp_path, timedelta(milliseconds=300))
+    async with in_memory(shop):
+        saga_id = await place_order(shop, "quick", "apple", 1)
+        assert await scheduled_timeouts(shop) == 1
+        async with shop.transaction(saga_id) as tx:
+            order = await tx.session.get(ToyOrder, "quick")
+            assert order is not None
+            order.status = "CONFIRMED"
+            tx.emit(OrderConfirmed(order_id="quick"))
+        assert await scheduled_timeouts(shop) == 0
+        await asyncio.sleep(0.6)  # past the deadline: nothing fires
+        await settle(shop)
+        assert shop.consumer is not None
+        assert shop.consumer.stats.handled == 0
+        assert await order_status(shop, "quick") == "CONFIRMED"
+
+
+async def test_an_end_in_another_saga_leaves_the_timeout_alone(tmp_path: Path) -> None:
+    shop = shop_with_deadline(tmp_path, timedelta(minutes=5))
+    async with in_memory(shop):
+        await place_order(shop, "one", "apple", 1)
+        async with shop.transaction() as tx:  # a different saga id
+            tx.emit(OrderConfirmed(order_id="one"))
+        assert await scheduled_timeouts(shop) == 1
+
+
+async def scheduled_timeouts(shop: Service) -> int:
+    rows = outbox_table.c
+    async with shop.engine.connect() as conn:
+        query = select(func.count()).where(rows.event_type == OrderExpired.event_name, rows.published_at.is_(None))
+        return int(await conn.scalar(query) or 0)
 
 
 def test_saga_declarations_are_checked() -> None:
