@@ -110,6 +110,12 @@ class Relay:
                     self.stats.is_leader = True
                     log.info("relay %s is the leader", self.name)
                     try:
+                        if is_postgres(conn):
+                            # Marking rows published need not wait for the WAL flush: a mark lost
+                            # in a database crash only means the rows are published again, which
+                            # consumers absorb. Set only here: this connection never goes back
+                            # to the pool (see below), where handlers need durable commits.
+                            await conn.exec_driver_sql("SET synchronous_commit = off")
                         await self._lead(conn)
                     finally:
                         self.stats.is_leader = False

@@ -255,3 +255,26 @@ async def test_the_relay_lingers_after_a_wake_up_so_a_burst_shares_one_batch(tmp
     finally:
         await relay.stop()
         await engine.dispose()
+
+
+async def test_the_relays_relaxed_durability_never_reaches_pooled_connections(pg_engine: AsyncEngine) -> None:
+    # The leader marks rows without waiting for the WAL flush; handlers share its engine and
+    # must keep durable commits.
+    relay = Relay(pg_engine, Batches(), name="durability", poll_interval=0.05)
+    standby = Relay(pg_engine, Batches(), name="standby", standby_interval=0.05)
+    relay.start()
+    standby.start()
+    try:
+        async with asyncio.timeout(10):
+            while not relay.stats.is_leader:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the standby has tried, and tried again
+        await standby.stop()  # its connection goes back to the pool
+        async with pg_engine.connect() as a, pg_engine.connect() as b, pg_engine.connect() as c:
+            settings = [await conn.scalar(text("SHOW synchronous_commit")) for conn in (a, b, c)]
+        assert settings == ["on", "on", "on"]
+    finally:
+        await standby.stop()
+        await relay.stop()
+    async with pg_engine.connect() as a, pg_engine.connect() as b:
+        assert [await conn.scalar(text("SHOW synchronous_commit")) for conn in (a, b)] == ["on", "on"]
