@@ -72,7 +72,9 @@ class Relay:
         self.standby_interval = standby_interval
         self.max_backoff = max_backoff
         self.linger = linger
-        """Seconds to wait after a wake-up before reading, so commits arriving together share a batch."""
+        """Seconds to wait after a wake-up before reading while traffic is heavy (the last batch
+        had several rows), so commits arriving together share a batch. A lone commit is
+        published at once."""
         self.stats = RelayStats()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -151,7 +153,7 @@ class Relay:
                 continue  # a full batch: more rows are probably waiting
             # Woken by commits here or NOTIFY from elsewhere; the poll also picks up
             # scheduled rows (saga deadlines) within `poll_interval` of becoming due.
-            await self._sleep(self.poll_interval)
+            await self._sleep(self.poll_interval, linger=self.linger if published > 1 else 0.0)
 
     async def publish_once(self, conn: AsyncConnection) -> int:
         """Publish one batch of due rows; returns how many were marked published."""
@@ -178,14 +180,14 @@ class Relay:
         raw: Any = (await conn.get_raw_connection()).driver_connection
         await raw.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
 
-    async def _sleep(self, timeout: float) -> None:
+    async def _sleep(self, timeout: float, *, linger: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
             self.stats.wakeups += 1
-            if self.linger > 0:
-                # Commits come in bursts (a consumer batch, concurrent requests): lingering a
-                # moment lets one SELECT, one produce and one UPDATE carry the whole burst.
-                await asyncio.sleep(self.linger)
+            if linger > 0:
+                # Under load commits come in bursts (a consumer batch, concurrent requests):
+                # lingering a moment lets one SELECT, one produce and one UPDATE carry the burst.
+                await asyncio.sleep(linger)
         # Cleared before reading: a commit that wakes us from here on is either seen by the
         # coming read or wakes the next one.
         self._wake.clear()

@@ -230,28 +230,40 @@ class Batches:
         return [None] * len(records)
 
 
-async def test_the_relay_lingers_after_a_wake_up_so_a_burst_shares_one_batch(tmp_path: Path) -> None:
+async def test_the_relay_lingers_after_a_wake_up_under_load_so_a_burst_shares_one_batch(tmp_path: Path) -> None:
     engine = await open_engine(f"sqlite+aiosqlite:///{tmp_path}/burst.db")
     publisher = Batches()
     relay = Relay(engine, publisher, name="burst", poll_interval=30, linger=0.5)
     relay.start()
+
+    async def commit(count: int) -> list[str]:
+        rows = [outbox_row() for _ in range(count)]
+        for row in rows:
+            row["headers"] = {"choreo-event-id": row["event_id"]}
+        await write(engine, rows)
+        relay.wake()
+        return [row["event_id"] for row in rows]
+
+    async def published(count: int) -> None:
+        async with asyncio.timeout(10):
+            while relay.stats.published < count:
+                await asyncio.sleep(0.01)
+
     try:
         async with asyncio.timeout(10):
             while not relay.stats.is_leader:
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)  # its first, empty read is done: it waits for a wake-up
+        alone = await commit(1)
+        await published(1)  # at once: a lone commit does not wait for company
+        several = await commit(2)
+        await published(3)
         burst = []
-        for _ in range(3):
-            row = outbox_row()
-            row["headers"] = {"choreo-event-id": row["event_id"]}
-            await write(engine, [row])
-            relay.wake()
-            burst.append(row["event_id"])
+        for _ in range(3):  # after a batch of several rows, the relay lingers
+            burst += await commit(1)
             await asyncio.sleep(0.05)
-        async with asyncio.timeout(10):
-            while relay.stats.published < 3:
-                await asyncio.sleep(0.01)
-        assert publisher.batches == [burst]
+        await published(6)
+        assert publisher.batches == [alone, several, burst]
     finally:
         await relay.stop()
         await engine.dispose()
