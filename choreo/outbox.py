@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, text
+from sqlalchemy import Integer, TextClause, bindparam, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from choreo.database import NOTIFY_CHANNEL, is_postgres
@@ -65,8 +65,10 @@ _VALUES = ", ".join(f":{name}" for name in _WRITTEN)
 
 _INSERT = text(f"INSERT INTO choreo_outbox ({_COLUMNS}) VALUES ({_VALUES})").bindparams(*_WRITTEN_BINDS)
 
-# PostgreSQL: the first row of a transaction's batch also serializes emitters per key and wakes
-# the relays, in the same statement.
+
+# PostgreSQL: the first row of a transaction's batch also serializes emitters per key and,
+# unless the process's own relay leads and is woken directly, wakes the leading relay through
+# NOTIFY (delivered at commit), in the same statement.
 #
 # Outbox ids come from a sequence, which hands out numbers at insert time, not commit time: two
 # transactions emitting for one key could commit in the opposite order of their ids, and the
@@ -75,14 +77,20 @@ _INSERT = text(f"INSERT INTO choreo_outbox ({_COLUMNS}) VALUES ({_VALUES})").bin
 # are taken in the materialized CTE, and the inserted row comes out of that CTE only through
 # `WHERE locks >= 0`: the id default is evaluated for a row the CTE has produced, so after every
 # lock is held. Keys are locked in hash order so that two transactions sharing several keys
-# cannot deadlock. The NOTIFY is delivered at commit.
-_LOCK_NOTIFY_INSERT = text(
-    "WITH locked AS MATERIALIZED ("
-    f" SELECT pg_notify('{NOTIFY_CHANNEL}', ''), (SELECT count(pg_advisory_xact_lock(h)) FROM ("
-    " SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(CAST(:keys AS text[])) AS k"
-    " ORDER BY h) AS hashed) AS locks)"
-    f" INSERT INTO choreo_outbox ({_COLUMNS}) SELECT {_VALUES} FROM locked WHERE locked.locks >= 0"
-).bindparams(*_WRITTEN_BINDS)
+# cannot deadlock.
+def _lock_and_insert(*, notify: bool) -> TextClause:
+    return text(
+        "WITH locked AS MATERIALIZED (SELECT"
+        + (f" pg_notify('{NOTIFY_CHANNEL}', '')," if notify else "")
+        + " (SELECT count(pg_advisory_xact_lock(h)) FROM ("
+        " SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(CAST(:keys AS text[])) AS k"
+        " ORDER BY h) AS hashed) AS locks)"
+        f" INSERT INTO choreo_outbox ({_COLUMNS}) SELECT {_VALUES} FROM locked WHERE locked.locks >= 0"
+    ).bindparams(*_WRITTEN_BINDS)
+
+
+_LOCK_NOTIFY_INSERT = _lock_and_insert(notify=True)
+_LOCK_INSERT = _lock_and_insert(notify=False)
 
 _DUE_BINDS = (bindparam("now", type_=UtcDateTime), bindparam("limit", type_=Integer))
 _RECORD_COLUMNS = (_outbox.c.id, _outbox.c.topic, _outbox.c.key, _outbox.c.headers, _outbox.c.payload)
@@ -119,8 +127,11 @@ _MARK_PUBLISHED_SQLITE = text("UPDATE choreo_outbox SET published_at = :now WHER
 )
 
 
-async def write(session: AsyncSession, pending: Sequence[PendingEvent], now: datetime) -> None:
-    """Insert `pending` into the outbox on the caller's session, in emit order."""
+async def write(session: AsyncSession, pending: Sequence[PendingEvent], now: datetime, *, notify: bool = True) -> None:
+    """Insert `pending` into the outbox on the caller's session, in emit order.
+
+    `notify=False` when the relay that will publish them runs in this process and is woken directly.
+    """
     await write_rows(
         session,
         [
@@ -138,17 +149,18 @@ async def write(session: AsyncSession, pending: Sequence[PendingEvent], now: dat
             }
             for p in pending
         ],
+        notify=notify,
     )
 
 
-async def write_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+async def write_rows(session: AsyncSession, rows: Sequence[dict[str, Any]], *, notify: bool = True) -> None:
     """Insert prepared outbox rows (all columns but id and published_at), in order."""
     if not rows:
         return
     first, rest = rows[0], rows[1:]
     if is_postgres(session):
         keys = [row["key"] for row in rows if row["key"] is not None]
-        await session.execute(_LOCK_NOTIFY_INSERT, {**first, "keys": keys})
+        await session.execute(_LOCK_NOTIFY_INSERT if notify else _LOCK_INSERT, {**first, "keys": keys})
     else:
         await session.execute(_INSERT, first)
     if rest:

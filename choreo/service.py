@@ -342,7 +342,10 @@ class Service:
             yield tx
             # Written last, on the same session: business rows, inbox row and events
             # commit together or not at all.
-            await outbox.write(session, tx.pending, utcnow())
+            # The relay leading here is woken directly after the commit; a NOTIFY is for a
+            # relay elsewhere (a replica's, or this service's main process for a script).
+            relay_here = self._relay is not None and self._relay.stats.is_leader
+            await outbox.write(session, tx.pending, utcnow(), notify=not relay_here)
             await outbox.withdraw(session, tx.withdrawn)
         if (tx.pending or tx.wake_relay) and self._relay is not None:
             self._relay.wake()

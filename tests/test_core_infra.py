@@ -19,6 +19,7 @@ from choreo.kafka import Record
 from choreo.outbox import OutboxRecord
 from choreo.testing import unpublished
 from tests.conftest import DatabaseFactory
+from tests.test_outbox import Statements
 from tests.toy import Arrival, Numbered, add_stock, make_toy, order_status, place_order, reservations
 
 pytestmark = pytest.mark.infra
@@ -285,3 +286,29 @@ async def test_two_relays_on_one_postgres_database_take_turns_without_losing_any
                 await relay.stop()
             for engine in engines:
                 await engine.dispose()
+
+
+async def test_only_commits_away_from_the_leading_relay_send_a_notify(
+    fresh_pg_database: Callable[[str], Awaitable[str]], kafka_settings: KafkaSettings
+) -> None:
+    shop_db, stock_db = await fresh_pg_database("shop"), await fresh_pg_database("stock")
+    toy = make_toy(shop_db, stock_db, kafka_settings)
+    script = make_toy(shop_db, stock_db, kafka_settings).shop  # e.g. a script or an HTTP worker
+    async with toy.shop.running(), toy.stock.running(), script.running(kafka=False):
+        await add_stock(toy.stock, "apple", 5)
+        assert toy.shop.relay is not None
+
+        async def leading() -> bool:
+            return toy.shop.relay is not None and toy.shop.relay.stats.is_leader
+
+        await eventually(leading)
+        here, away = Statements(toy.shop.engine), Statements(script.engine)
+        await place_order(toy.shop, "here", "apple", 1)  # its relay is woken directly
+        await place_order(script, "away", "apple", 1)  # only a NOTIFY wakes the leader
+        assert not any("pg_notify" in statement for statement, _ in here.sent)
+        assert any("pg_notify" in statement for statement, _ in away.sent)
+
+        async def both_confirmed() -> bool:
+            return [await order_status(toy.shop, o) for o in ("here", "away")] == ["CONFIRMED"] * 2
+
+        await eventually(both_confirmed, timeout=20)
