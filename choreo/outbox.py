@@ -101,17 +101,38 @@ _RECORD_COLUMNS = (_outbox.c.id, _outbox.c.topic, _outbox.c.key, _outbox.c.heade
 # ones cost nothing; the two short lists are merged by id. A single index cannot serve both: in
 # id order every poll walks past all pending deadlines, in due-time order every poll of a
 # backlog reads all of it to find the smallest ids.
-_FETCH_DUE = (
+#
+# The scheduled part must not be planned as "walk the primary key in id order and filter",
+# which PostgreSQL's generic plan for the prepared statement prefers (it cannot see how few
+# rows are due) and which reads the whole table: on PostgreSQL its ids come from a
+# materialized CTE, which leaves the due-time index as the only cheap plan, and its rows are
+# then fetched by an array of ids (never planned as a join over the whole table); on SQLite,
+# ordering by the expression +id has the same effect.
+_IMMEDIATE = (
+    'SELECT id, topic, "key", headers, payload FROM choreo_outbox'
+    " WHERE published_at IS NULL AND available_at <= created_at ORDER BY id LIMIT :limit"
+)
+_SCHEDULED_DUE = "published_at IS NULL AND available_at > created_at AND available_at <= :now"
+_FETCH_DUE_POSTGRES = (
+    text(
+        f"WITH scheduled AS MATERIALIZED (SELECT id FROM choreo_outbox WHERE {_SCHEDULED_DUE})"
+        ' SELECT id, topic, "key", headers, payload FROM ('
+        f" SELECT * FROM ({_IMMEDIATE}) AS immediate"
+        " UNION ALL"
+        ' SELECT id, topic, "key", headers, payload FROM choreo_outbox'
+        "  WHERE id = ANY(ARRAY(SELECT id FROM scheduled ORDER BY id LIMIT :limit))"
+        ") AS due ORDER BY id LIMIT :limit"
+    )
+    .bindparams(*_DUE_BINDS)
+    .columns(*_RECORD_COLUMNS)
+)
+_FETCH_DUE_SQLITE = (
     text(
         'SELECT id, topic, "key", headers, payload FROM ('
-        " SELECT * FROM ("
-        '  SELECT id, topic, "key", headers, payload FROM choreo_outbox'
-        "  WHERE published_at IS NULL AND available_at <= created_at ORDER BY id LIMIT :limit) AS immediate"
+        f" SELECT * FROM ({_IMMEDIATE}) AS immediate"
         " UNION ALL"
-        " SELECT * FROM ("
-        '  SELECT id, topic, "key", headers, payload FROM choreo_outbox'
-        "  WHERE published_at IS NULL AND available_at > created_at AND available_at <= :now"
-        "  ORDER BY id LIMIT :limit) AS scheduled"
+        ' SELECT * FROM (SELECT id, topic, "key", headers, payload FROM choreo_outbox'
+        f"  WHERE {_SCHEDULED_DUE} ORDER BY +id LIMIT :limit) AS scheduled"
         ") AS due ORDER BY id LIMIT :limit"
     )
     .bindparams(*_DUE_BINDS)
@@ -182,7 +203,8 @@ async def withdraw(session: AsyncSession, event_ids: Sequence[str]) -> None:
 
 async def fetch_due(conn: AsyncConnection, now: datetime, limit: int) -> list[OutboxRecord]:
     """The oldest unpublished rows that are due, in id (= publication) order."""
-    result = await conn.execute(_FETCH_DUE, {"now": now, "limit": limit})
+    statement = _FETCH_DUE_POSTGRES if is_postgres(conn) else _FETCH_DUE_SQLITE
+    result = await conn.execute(statement, {"now": now, "limit": limit})
     return [OutboxRecord(r.id, r.topic, r.key, r.headers, r.payload) for r in result]
 
 
