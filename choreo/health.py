@@ -10,11 +10,11 @@ from typing import Any
 
 from sqlalchemy import func, select, text
 
+from choreo import outbox
 from choreo.envelope import utcnow
 from choreo.service import Service
-from choreo.tables import dead_letter_table, outbox_table
+from choreo.tables import dead_letter_table
 
-_outbox = outbox_table
 _letters = dead_letter_table
 
 
@@ -37,21 +37,13 @@ async def readiness(service: Service) -> dict[str, Any]:
 async def metrics(service: Service) -> str:
     """Prometheus exposition of the outbox backlog, relay and consumer counters."""
     async with service.engine.connect() as conn:
-        backlog, oldest = (
-            await conn.execute(
-                select(func.count(), func.min(_outbox.c.created_at)).where(
-                    _outbox.c.published_at.is_(None), _outbox.c.available_at <= utcnow()
-                )
-            )
-        ).one()
+        backlog, oldest = await outbox.backlog(conn, utcnow())
         parked = await conn.scalar(select(func.count()).where(_letters.c.status == "parked"))
-    if oldest is not None and oldest.tzinfo is None:  # SQLite returns naive UTC from aggregates
-        oldest = oldest.replace(tzinfo=utcnow().tzinfo)
     age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
     label = f'service="{service.name}"'
     lines = [
         ("choreo_outbox_backlog", "gauge", "Unpublished outbox rows that are due.", backlog),
-        ("choreo_outbox_oldest_age_seconds", "gauge", "Age of the oldest due unpublished row.", age),
+        ("choreo_outbox_oldest_age_seconds", "gauge", "How long the oldest due unpublished row has been due.", age),
         ("choreo_dead_letters_parked", "gauge", "Dead letters waiting for replay or discard.", parked or 0),
     ]
     relay = service.relay

@@ -13,13 +13,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from faststream.kafka import TestKafkaBroker
-from sqlalchemy import func, select
 
+from choreo import outbox
 from choreo.envelope import Envelope, new_id, utcnow
 from choreo.events import Event
 from choreo.kafka import Record
 from choreo.service import Service
-from choreo.tables import outbox_table
 
 
 @asynccontextmanager
@@ -41,12 +40,9 @@ async def in_memory(*services: Service) -> AsyncIterator[tuple[Service, ...]]:
 
 async def unpublished(service: Service) -> int:
     """How many outbox rows of `service` are due but not yet published (scheduled ones wait)."""
-    rows = outbox_table.c
     async with service.engine.connect() as conn:
-        count = await conn.scalar(
-            select(func.count()).where(rows.published_at.is_(None), rows.available_at <= utcnow())
-        )
-    return int(count or 0)
+        count, _ = await outbox.backlog(conn, utcnow())
+    return count
 
 
 async def settle(*services: Service, timeout: float = 10.0) -> None:

@@ -303,3 +303,18 @@ async def test_the_relays_relaxed_durability_never_reaches_pooled_connections(pg
         await relay.stop()
     async with pg_engine.connect() as a, pg_engine.connect() as b:
         assert [await conn.scalar(text("SHOW synchronous_commit")) for conn in (a, b)] == ["on", "on"]
+
+
+async def test_the_backlog_counts_due_rows_of_both_kinds_since_they_became_due(engine: AsyncEngine) -> None:
+    now = utcnow()
+    came_due = {**outbox_row(available_at=now - timedelta(seconds=5)), "created_at": now - timedelta(seconds=35)}
+    await write(engine, [outbox_row(available_at=now - timedelta(seconds=2)), came_due])
+    await write(engine, [outbox_row(available_at=now + timedelta(minutes=5))])  # not due yet
+    came_due_ids = await ids_of(engine, [came_due])
+    async with engine.connect() as conn:
+        count, oldest = await outbox.backlog(conn, now)
+        assert (count, oldest) == (2, came_due["available_at"])
+        await outbox.mark_published(conn, came_due_ids, now)
+        await conn.commit()
+        assert (await outbox.backlog(conn, now))[0] == 1
+        assert await outbox.backlog(conn, now + timedelta(minutes=6)) == (2, now - timedelta(seconds=2))
