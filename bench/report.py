@@ -579,9 +579,10 @@ def render(results: dict[str, Any]) -> str:
         "10.00-99.99, never ending in .13 (the demo's payments decline those)."
     )
     add(
-        "- The demo's orders service schedules a 30 s deadline with every order (a second outbox row); "
-        "30 s later the relay publishes it and orders handles it as a no-op. In steady state a choreo saga "
-        "is therefore five events and five handler transactions; the baseline and the ceiling have no deadline."
+        "- The demo's orders service schedules a 30 s deadline with every order (a second outbox row, "
+        "written with the start); approving the order withdraws it (deletes the unpublished row) in the "
+        "same transaction. A choreo saga is therefore four events and three handler transactions, plus "
+        "a scheduled row written and deleted; the baseline and the ceiling have no deadline."
     )
     add(
         "- Before anything is measured, a throwaway shop runs sagas for "
