@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import pytest
@@ -13,19 +12,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from choreo import KafkaSettings
 from choreo.kafka import KafkaTransport, Record
 from choreo.outbox import OutboxRecord
+from tests.test_core_infra import eventually
 
 pytestmark = pytest.mark.infra
 
 TOPIC = "ticks"
-
-
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 60.0) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            outcome = check()
-            if await outcome if isinstance(outcome, Awaitable) else outcome:
-                return
-            await asyncio.sleep(0.05)
 
 
 async def publish(transport: KafkaTransport, start: int, count: int) -> None:

@@ -25,10 +25,13 @@ from tests.toy import Arrival, Numbered, add_stock, make_toy, order_status, plac
 pytestmark = pytest.mark.infra
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 60.0) -> None:
-    """Poll `check` until it holds; fail with the timeout otherwise."""
+async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 60.0) -> None:
+    """Poll `check` (a function or a coroutine function) until it holds; fail with the timeout otherwise."""
     async with asyncio.timeout(timeout):
-        while not await check():
+        while True:
+            outcome = check()
+            if await outcome if isinstance(outcome, Awaitable) else outcome:
+                return
             await asyncio.sleep(0.05)
 
 

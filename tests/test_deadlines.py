@@ -97,6 +97,16 @@ async def test_an_end_in_another_saga_leaves_the_timeout_alone(tmp_path: Path) -
         assert await scheduled_timeouts(shop) == 1
 
 
+async def test_a_saga_started_again_under_its_id_keeps_its_first_timeout(tmp_path: Path) -> None:
+    shop = shop_with_deadline(tmp_path, timedelta(minutes=5))
+    async with in_memory(shop):
+        saga_id = await place_order(shop, "first", "apple", 1)
+        async with shop.transaction(saga_id) as tx:  # e.g. a retry flow starting over
+            tx.session.add(ToyOrder(id="again"))
+            tx.emit(OrderPlaced(order_id="again", sku="apple", quantity=1))
+        assert await scheduled_timeouts(shop) == 1
+
+
 async def scheduled_timeouts(shop: Service) -> int:
     rows = outbox_table.c
     async with shop.engine.connect() as conn:

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-
 import pytest
 
 from choreo import KafkaSettings, outbox
 from choreo.tables import outbox_table
 from choreo.tracing import SagaState, TraceCollector
 from tests.conftest import DatabaseFactory
+from tests.test_core_infra import eventually
 from tests.test_tracing import SUCCESS_SHAPE, shape
 from tests.toy3 import make_toy3, place
 
 pytestmark = pytest.mark.infra
-
-
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 60.0) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            outcome = check()
-            if await outcome if isinstance(outcome, Awaitable) else outcome:
-                return
-            await asyncio.sleep(0.05)
 
 
 async def test_the_collector_indexes_sagas_from_kafka(database: DatabaseFactory, kafka_settings: KafkaSettings) -> None:
