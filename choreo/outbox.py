@@ -63,7 +63,10 @@ _WRITTEN_BINDS = [bindparam(name, type_=_outbox.c[name].type) for name in _WRITT
 _COLUMNS = ", ".join(f'"{name}"' for name in _WRITTEN)
 _VALUES = ", ".join(f":{name}" for name in _WRITTEN)
 
-_INSERT = text(f"INSERT INTO choreo_outbox ({_COLUMNS}) VALUES ({_VALUES})").bindparams(*_WRITTEN_BINDS)
+# An event id is written once: a saga started again under its id keeps the timeout it was
+# scheduled first (`Saga.timeout_id`); every other id is random.
+_ONCE = "ON CONFLICT (event_id) DO NOTHING"
+_INSERT = text(f"INSERT INTO choreo_outbox ({_COLUMNS}) VALUES ({_VALUES}) {_ONCE}").bindparams(*_WRITTEN_BINDS)
 
 
 # PostgreSQL: the first row of a transaction's batch also serializes emitters per key and,
@@ -85,7 +88,7 @@ def _lock_and_insert(*, notify: bool) -> TextClause:
         + " (SELECT count(pg_advisory_xact_lock(h)) FROM ("
         " SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(CAST(:keys AS text[])) AS k"
         " ORDER BY h) AS hashed) AS locks)"
-        f" INSERT INTO choreo_outbox ({_COLUMNS}) SELECT {_VALUES} FROM locked WHERE locked.locks >= 0"
+        f" INSERT INTO choreo_outbox ({_COLUMNS}) SELECT {_VALUES} FROM locked WHERE locked.locks >= 0 {_ONCE}"
     ).bindparams(*_WRITTEN_BINDS)
 
 

@@ -14,7 +14,8 @@ publishes it then like any other event; the service's own handler for it decides
 saga is still open (e.g. reject a pending order) or long finished (do nothing). When the
 starting service itself emits one of `ends` first, that transaction withdraws the timeout
 (deletes it from the outbox unless it is already published), so a finished saga usually costs
-no timeout at all; the handler must still tolerate one that was already on its way.
+no timeout at all; the handler must still tolerate one that was already on its way. A saga
+started again under the same saga id keeps the timeout it was given first.
 """
 
 from __future__ import annotations

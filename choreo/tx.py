@@ -88,6 +88,8 @@ class Tx:
             # The deadline travels in the same transaction as the start: a saga can never
             # start without its timeout being scheduled.
             timeout = saga.on_deadline(event)
+            if not isinstance(timeout, saga.timeout_event or Event):
+                raise TypeError(f"saga {saga.name!r}: on_deadline returned {timeout!r}, not a {saga.timeout_event!r}")
             self._allowed = None if self._allowed is None else self._allowed | {type(timeout)}
             self._queue(timeout, available_at=now + saga.deadline, now=now, event_id=saga.timeout_id(self.saga_id))
         for ended in self._ended_by.get(event_type, ()):
