@@ -254,6 +254,15 @@ def render(results: dict[str, Any]) -> str:
     add("python infra/kafka.py fetch      # Apache Kafka jars from Maven Central, once")
     add(f"{meta['command']:<32} # this run; `make bench` = the full run, `--quick` ≈ 3 minutes")
     add("```")
+    if meta.get("only"):
+        # A partial run keeps the other scenarios' results from earlier runs: say which is which.
+        when = ", ".join(
+            f"{name} {data['measured_at']}"
+            for name, data in results["scenarios"].items()
+            if isinstance(data, dict) and data.get("measured_at")
+        )
+        add("")
+        add(f"That run measured {', '.join(meta['only'])}; each scenario below was measured at: {when}.")
     add("")
     add(
         "Raw numbers: [`bench/results/results.json`](../bench/results/results.json); "
