@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from choreo.database import NOTIFY_CHANNEL, is_postgres
 from choreo.envelope import Envelope
 from choreo.events import Event
-from choreo.tables import UtcDateTime, outbox_table
+from choreo.tables import UNPUBLISHED_IMMEDIATE, UNPUBLISHED_SCHEDULED, UtcDateTime, outbox_table
 
 _outbox = outbox_table
 
@@ -113,9 +113,9 @@ _RECORD_COLUMNS = (_outbox.c.id, _outbox.c.topic, _outbox.c.key, _outbox.c.heade
 # ordering by the expression +id has the same effect.
 _IMMEDIATE = (
     'SELECT id, topic, "key", headers, payload FROM choreo_outbox'
-    " WHERE published_at IS NULL AND available_at <= created_at ORDER BY id LIMIT :limit"
+    f" WHERE {UNPUBLISHED_IMMEDIATE} ORDER BY id LIMIT :limit"
 )
-_SCHEDULED_DUE = "published_at IS NULL AND available_at > created_at AND available_at <= :now"
+_SCHEDULED_DUE = f"{UNPUBLISHED_SCHEDULED} AND available_at <= :now"
 _FETCH_DUE_POSTGRES = (
     text(
         f"WITH scheduled AS MATERIALIZED (SELECT id FROM choreo_outbox WHERE {_SCHEDULED_DUE})"
@@ -219,12 +219,8 @@ async def backlog(conn: AsyncConnection, now: datetime) -> tuple[int, datetime |
     """
     rows = _outbox.c
     parts = union_all(
-        select(func.count().label("n"), func.min(rows.available_at).label("due")).where(
-            rows.published_at.is_(None), rows.available_at <= rows.created_at
-        ),
-        select(func.count(), func.min(rows.available_at)).where(
-            rows.published_at.is_(None), rows.available_at > rows.created_at, rows.available_at <= now
-        ),
+        select(func.count().label("n"), func.min(rows.available_at).label("due")).where(text(UNPUBLISHED_IMMEDIATE)),
+        select(func.count(), func.min(rows.available_at)).where(text(UNPUBLISHED_SCHEDULED), rows.available_at <= now),
     ).subquery()
     count, oldest = (await conn.execute(select(func.coalesce(func.sum(parts.c.n), 0), func.min(parts.c.due)))).one()
     if isinstance(oldest, str):  # SQLite returns aggregates of datetimes as text

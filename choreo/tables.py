@@ -60,6 +60,15 @@ class _ChoreoTable(SQLModel, registry=registry(metadata=metadata)):
     pass
 
 
+UNPUBLISHED_IMMEDIATE = "published_at IS NULL AND available_at <= created_at"
+"""Outbox rows waiting for the relay that were due when written: every row but scheduled ones."""
+UNPUBLISHED_SCHEDULED = "published_at IS NULL AND available_at > created_at"
+"""Outbox rows waiting for the relay that were scheduled (e.g. saga timeouts), due or not.
+
+The relay's queries repeat these predicates word for word, so the planners match them to the
+partial indexes below."""
+
+
 class OutboxRow(_ChoreoTable, table=True):
     """An event waiting for (or past) publication; `id` fixes the publication order."""
 
@@ -70,15 +79,15 @@ class OutboxRow(_ChoreoTable, table=True):
         Index(
             "ix_choreo_outbox_pending",
             "id",
-            postgresql_where=text("published_at IS NULL AND available_at <= created_at"),
-            sqlite_where=text("published_at IS NULL AND available_at <= created_at"),
+            postgresql_where=text(UNPUBLISHED_IMMEDIATE),
+            sqlite_where=text(UNPUBLISHED_IMMEDIATE),
         ),
         # Scheduled rows (saga deadlines) by due time, so the many not yet due are never read.
         Index(
             "ix_choreo_outbox_scheduled",
             "available_at",
-            postgresql_where=text("published_at IS NULL AND available_at > created_at"),
-            sqlite_where=text("published_at IS NULL AND available_at > created_at"),
+            postgresql_where=text(UNPUBLISHED_SCHEDULED),
+            sqlite_where=text(UNPUBLISHED_SCHEDULED),
         ),
         # For retention. Unpublished rows are left out: inserts skip this index, and the planner
         # cannot mistake it for a way to the unpublished rows.
