@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -75,3 +75,22 @@ class Saga:
     def end_names(self) -> frozenset[str]:
         """Wire names of the ending events."""
         return frozenset(t.event_name for t in self.ends)
+
+
+@dataclass(frozen=True)
+class SagaIndex:
+    """A service's sagas by the events that start and end them, built once when it starts."""
+
+    started_by: dict[type[Event], Saga] = field(default_factory=dict)
+    ended_by: dict[type[Event], tuple[Saga, ...]] = field(default_factory=dict)
+    """Only sagas with a deadline: their ends withdraw the pending timeout."""
+
+    @classmethod
+    def of(cls, sagas: Iterable[Saga]) -> SagaIndex:
+        sagas = list(sagas)
+        ended_by: dict[type[Event], tuple[Saga, ...]] = {}
+        for saga in sagas:
+            if saga.deadline is not None:
+                for end in saga.ends:
+                    ended_by[end] = (*ended_by.get(end, ()), saga)
+        return cls({saga.starts: saga for saga in sagas}, ended_by)

@@ -34,7 +34,7 @@ from choreo.events import Event, EventRegistry, describe, is_event_type
 from choreo.exceptions import SetupError
 from choreo.kafka import KafkaTransport
 from choreo.relay import Relay
-from choreo.saga import Saga
+from choreo.saga import Saga, SagaIndex
 from choreo.settings import KafkaSettings, database_url, retention_from_env
 from choreo.tx import Tx
 
@@ -85,6 +85,7 @@ class Service:
         self._relay: Relay | None = None
         self._consumer: Consumer | None = None
         self._started = False
+        self._saga_index = SagaIndex()
 
     def __repr__(self) -> str:
         return f"Service({self.name!r})"
@@ -237,6 +238,7 @@ class Service:
 
     async def _open(self, *, ensure_topics: bool, consume: bool = True) -> KafkaTransport:
         kafka = self._kafka_settings()
+        self._saga_index = SagaIndex.of(self.sagas)  # sagas are declared before start
         self._engine = create_engine(self._database_url or database_url(self.name))
         async with self._engine.begin() as conn:
             # Replicas starting together on a fresh PostgreSQL database would race to create
@@ -337,7 +339,7 @@ class Service:
                 cause=cause,
                 handler=handler,
                 allowed=allowed,
-                sagas=self.sagas,
+                sagas=self._saga_index,
             )
             yield tx
             # Written last, on the same session: business rows, inbox row and events

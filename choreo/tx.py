@@ -4,7 +4,7 @@ events to publish. Handlers receive it as `tx`; scripts and HTTP endpoints open 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -14,7 +14,7 @@ from choreo.envelope import Envelope, new_id, utcnow
 from choreo.events import Event, describe, is_event_type
 from choreo.exceptions import UndeclaredEmitError
 from choreo.outbox import PendingEvent
-from choreo.saga import Saga
+from choreo.saga import SagaIndex
 
 
 class Tx:
@@ -29,7 +29,7 @@ class Tx:
         cause: Envelope | None = None,
         handler: str | None = None,
         allowed: frozenset[type[Event]] | None = None,
-        sagas: Sequence[Saga] = (),
+        sagas: SagaIndex | None = None,
     ) -> None:
         self.session = session
         self.service = service
@@ -37,12 +37,7 @@ class Tx:
         self.cause = cause
         self.handler = handler
         self._allowed = allowed
-        self._sagas = {saga.starts: saga for saga in sagas}
-        self._ended_by: dict[type[Event], list[Saga]] = {}
-        for saga in sagas:
-            if saga.deadline is not None:
-                for end in saga.ends:
-                    self._ended_by.setdefault(end, []).append(saga)
+        self._sagas = sagas or SagaIndex()
         self.withdrawn: list[str] = []
         """Event ids of scheduled timeouts this transaction makes moot (their sagas ended)."""
         self._pending: list[PendingEvent] = []
@@ -83,7 +78,7 @@ class Tx:
         now = utcnow()
         available_at = at if at is not None else now + (delay or timedelta(0))
         event_id = self._queue(event, key=key, available_at=available_at, now=now)
-        saga = self._sagas.get(event_type)
+        saga = self._sagas.started_by.get(event_type)
         if saga is not None and saga.deadline is not None and saga.on_deadline is not None:
             # The deadline travels in the same transaction as the start: a saga can never
             # start without its timeout being scheduled.
@@ -92,7 +87,7 @@ class Tx:
                 raise TypeError(f"saga {saga.name!r}: on_deadline returned {timeout!r}, not a {saga.timeout_event!r}")
             self._allowed = None if self._allowed is None else self._allowed | {type(timeout)}
             self._queue(timeout, available_at=now + saga.deadline, now=now, event_id=saga.timeout_id(self.saga_id))
-        for ended in self._ended_by.get(event_type, ()):
+        for ended in self._sagas.ended_by.get(event_type, ()):
             # The saga ended here, in the service that scheduled its timeout: the timeout
             # would find nothing to do, so it is withdrawn in this same transaction.
             self.withdrawn.append(ended.timeout_id(self.saga_id))
