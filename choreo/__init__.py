@@ -11,6 +11,7 @@ from choreo.exceptions import (
     RelayError,
     SetupError,
     UndeclaredEmitError,
+    UnitOfWorkError,
 )
 from choreo.relay import Relay
 from choreo.saga import Saga
@@ -39,5 +40,6 @@ __all__ = [
     "TraceStore",
     "Tx",
     "UndeclaredEmitError",
+    "UnitOfWorkError",
     "metadata",
 ]

@@ -4,6 +4,7 @@ ChoreoError
 ├── SetupError (also ValueError)        a service, handler or event is declared wrongly
 │   └── ConfigurationError              settings or environment cannot be used
 ├── UndeclaredEmitError (also TypeError) a handler emitted an event it did not declare
+├── UnitOfWorkError (also RuntimeError)  code inside a unit of work committed or rolled back its session
 ├── RejectedRecord                       a consumed record can never be processed (dead letter)
 └── RelayError                           the relay cannot publish (retried, never raised to users)
 """
@@ -25,6 +26,10 @@ class ConfigurationError(SetupError):
 
 class UndeclaredEmitError(ChoreoError, TypeError):
     """A handler emitted an event type it did not declare in its return annotation or `emits=`."""
+
+
+class UnitOfWorkError(ChoreoError, RuntimeError):
+    """Code inside a unit of work tried to end its transaction; choreo commits it, whole, at the end."""
 
 
 class RejectedRecord(ChoreoError):

@@ -36,7 +36,7 @@ from choreo.kafka import KafkaTransport
 from choreo.relay import Relay
 from choreo.saga import Saga, SagaIndex
 from choreo.settings import KafkaSettings, database_url, retention_from_env
-from choreo.tx import Tx
+from choreo.tx import Tx, UnitOfWorkSession
 
 log = logging.getLogger("choreo.service")
 
@@ -331,7 +331,10 @@ class Service:
         handler: str | None,
         allowed: frozenset[type[Event]] | None,
     ) -> AsyncIterator[Tx]:
-        async with AsyncSession(self.engine, expire_on_commit=False) as session, session.begin():
+        async with (
+            AsyncSession(self.engine, expire_on_commit=False, sync_session_class=UnitOfWorkSession) as session,
+            session.begin(),
+        ):
             tx = Tx(
                 session,
                 service=self.name,

@@ -8,11 +8,12 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from choreo import otel
 from choreo.envelope import Envelope, new_id, utcnow
 from choreo.events import Event, describe, is_event_type
-from choreo.exceptions import UndeclaredEmitError
+from choreo.exceptions import UndeclaredEmitError, UnitOfWorkError
 from choreo.outbox import PendingEvent
 from choreo.saga import SagaIndex
 
@@ -139,3 +140,28 @@ class Tx:
                 self.emit(item)
             return
         raise TypeError(f"handler {self.handler} returned {result!r}; return None, an event or a list of events")
+
+
+class UnitOfWorkSession(Session):
+    """The session of a unit of work: only the unit of work ends its transaction.
+
+    A `commit()` in the middle would make the business rows and the inbox mark durable
+    without the events (written last), and a retry would then see the inbox mark and call the
+    record a duplicate: the events would be lost without a trace. Refused before anything is
+    sent. The unit of work itself commits through its transaction object, not these methods.
+    """
+
+    def commit(self) -> None:
+        """Refused: the unit of work commits when the handler returns or the block ends."""
+        raise UnitOfWorkError(
+            "session.commit() inside a unit of work: choreo commits the business rows, the inbox "
+            "mark and the emitted events together when the handler returns (or the "
+            "`async with service.transaction()` block ends); remove the commit() call"
+        )
+
+    def rollback(self) -> None:
+        """Refused: raise an exception out of the unit of work to roll it back."""
+        raise UnitOfWorkError(
+            "session.rollback() inside a unit of work: raise an exception instead; the whole "
+            "unit of work (business rows, inbox mark, events) then rolls back together"
+        )

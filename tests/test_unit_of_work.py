@@ -1,0 +1,83 @@
+"""The unit of work owns its transaction: code inside it cannot commit or roll back half of it."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from choreo import Event, RetryPolicy, Service, Tx, UnitOfWorkError
+from choreo.tables import DeadLetter, InboxRow, OutboxRow
+from choreo.testing import in_memory, record_of
+from tests.conftest import DatabaseFactory
+from tests.toy import StockItem, stock_metadata
+
+
+class Restock(Event, name="uow.restock", topic="uow"):
+    sku: str
+
+
+class Restocked(Event, name="uow.restocked", topic="uow-out"):
+    sku: str
+
+
+def stock_service(url: str, *, habit: str) -> Service:
+    service = Service(
+        "uow-stock",
+        database_url=url,
+        metadata=stock_metadata,
+        retry=RetryPolicy(max_attempts=2, initial_backoff=0.001, max_backoff=0.002),
+    )
+
+    @service.on(Restock)
+    async def restock(event: Restock, tx: Tx) -> Restocked:
+        tx.session.add(StockItem(sku=event.sku, available=1))
+        await getattr(tx.session, habit)()  # what SQLModel tutorials teach
+        return Restocked(sku=event.sku)
+
+    return service
+
+
+async def count(service: Service, table: type, *where: object) -> int:
+    async with service.engine.connect() as conn:
+        return int(await conn.scalar(select(func.count()).select_from(table).where(*where)) or 0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("habit", ["commit", "rollback"])
+async def test_a_handler_ending_its_session_is_refused_and_its_record_dead_lettered(
+    database: DatabaseFactory, habit: str
+) -> None:
+    service = stock_service(await database("uow"), habit=habit)
+    async with in_memory(service):
+        assert service.consumer is not None
+        outcomes = await service.consumer.process(record_of(Restock(sku="pear")))
+        # Before, commit() made the inbox mark durable without the event, and the retry then
+        # reported a duplicate: nothing emitted, nothing dead-lettered.
+        assert outcomes == ["dead-lettered"]
+        assert await count(service, StockItem) == 0
+        assert await count(service, InboxRow) == 0, "nothing of the handler's transaction committed"
+        assert await count(service, OutboxRow, OutboxRow.topic == "uow-out") == 0
+        async with service.engine.connect() as conn:
+            letter = (await conn.execute(select(DeadLetter.__table__))).one()  # type: ignore[attr-defined]
+        assert letter.reason == "handler-error"
+        assert f"session.{habit}() inside a unit of work" in letter.error
+
+
+@pytest.mark.parametrize("habit", ["commit", "rollback"])
+async def test_ending_the_session_of_service_transaction_is_refused_before_anything_commits(
+    database: DatabaseFactory, habit: str
+) -> None:
+    service = stock_service(await database("uow"), habit=habit)
+    async with service.running(kafka=False):
+        with pytest.raises(UnitOfWorkError, match=f"session.{habit}"):
+            async with service.transaction() as tx:
+                tx.session.add(StockItem(sku="apple", available=3))
+                tx.emit(Restocked(sku="apple"))
+                await getattr(tx.session, habit)()
+        assert await count(service, StockItem) == 0
+        assert await count(service, OutboxRow) == 0
+        # The unit of work still commits normally, through its own transaction.
+        async with service.transaction() as tx:
+            tx.session.add(StockItem(sku="apple", available=3))
+            tx.emit(Restocked(sku="apple"))
+        assert await count(service, StockItem) == 1
+        assert await count(service, OutboxRow) == 1
