@@ -30,6 +30,7 @@ from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
 from choreo import dlq
+from choreo.database import masked_url
 from choreo.exceptions import ChoreoError, ConfigurationError
 from choreo.graph import Choreography, discover, import_module, module_name
 from choreo.service import Service
@@ -182,7 +183,7 @@ def trace(
         try:
             found = await store.resolve(saga_id)
             if found is None:
-                raise ConfigurationError(f"no saga {saga_id!r} in the trace database {store.url}")
+                raise ConfigurationError(f"no saga {saga_id!r} in the trace database {masked_url(store.url)}")
             saga = await store.trace(found, declarations)
             assert saga is not None
             return saga

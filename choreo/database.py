@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from sqlalchemy import bindparam, event, exc, text
@@ -21,13 +22,34 @@ NOTIFY_CHANNEL = "choreo_outbox"
 _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"}
 
 
+def masked_url(url: str) -> str:
+    """`url` with its password replaced by ***, for messages and logs; never the raw text."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (exc.ArgumentError, ValueError):
+        # Not a URL SQLAlchemy can read, but it may still hold "user:password@".
+        return re.sub(r"([^:/@\s]+):[^@/\s]*@", r"\1:***@", url)
+
+
+_DRIVER_DETAIL = re.compile(r"^(?:DETAIL|HINT): .*$\n?", re.MULTILINE)
+
+
+def without_values(error_text: str) -> str:
+    """A database error's text without the row values PostgreSQL quotes in its DETAIL lines.
+
+    Engines already hide statement parameters (see `create_engine`); this is for the driver's
+    own message, e.g. "Key (card)=(4111...) already exists", where the error is stored or sent.
+    """
+    return _DRIVER_DETAIL.sub("", error_text)
+
+
 def normalize_url(url: str) -> str:
     """Accept plain `postgresql://` and `sqlite://` URLs and pick the async drivers for them."""
     try:
         parsed = make_url(url)
-    except exc.ArgumentError:
+    except (exc.ArgumentError, ValueError):
         raise ConfigurationError(
-            f"database URL {url!r} is not a URL; use e.g. sqlite+aiosqlite:///orders.db "
+            f"database URL {masked_url(url)!r} is not a URL; use e.g. sqlite+aiosqlite:///orders.db "
             "or postgresql+asyncpg://user:password@host:5432/orders"
         ) from None
     backend = parsed.get_backend_name()
@@ -37,13 +59,16 @@ def normalize_url(url: str) -> str:
         return parsed.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
     raise ConfigurationError(
         f"database URL {parsed.render_as_string()!r}: choreo supports PostgreSQL "
-        "(postgresql+asyncpg://...) and SQLite (sqlite+aiosqlite:///file.db), not {backend!r}"
+        f"(postgresql+asyncpg://...) and SQLite (sqlite+aiosqlite:///file.db), not {backend!r}"
     )
 
 
 def create_engine(url: str, **options: Any) -> AsyncEngine:
     """An async engine for a service database; SQLite gets WAL and serialized writers."""
     url = normalize_url(url)
+    # SQL errors would otherwise quote their bound values (payload data) into logs, dead
+    # letters and the dead-letter topic's headers.
+    options.setdefault("hide_parameters", True)
     if make_url(url).get_backend_name() != "sqlite":
         options.setdefault("pool_size", 10)
         options.setdefault("max_overflow", 10)

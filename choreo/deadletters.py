@@ -8,6 +8,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from choreo import outbox
+from choreo.database import without_values
 from choreo.envelope import EVENT_ID, EVENT_TYPE, SAGA_ID, new_id
 from choreo.kafka import Record
 from choreo.tables import dead_letter_table
@@ -42,6 +43,7 @@ async def park(
 ) -> None:
     """Store `record` as a dead letter and queue it for the dead-letter topic, in the caller's txn."""
     headers = _text_headers(record)
+    error, traceback = without_values(error), traceback and without_values(traceback)
     await session.execute(
         insert(dead_letter_table).values(
             consumer=consumer,

@@ -84,7 +84,7 @@ class KafkaSettings:
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
-    sasl_password: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
     max_poll_records: int = 500
     """Records handed to the consumer per poll."""
     commit_interval_ms: int = 100

@@ -49,7 +49,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from choreo import deadletters
-from choreo.database import create_engine, insert_ignoring_duplicates, normalize_url
+from choreo.database import create_engine, insert_ignoring_duplicates, masked_url, normalize_url
 from choreo.envelope import (
     CAUSATION_ID,
     EVENT_ID,
@@ -721,7 +721,7 @@ class TraceStore:
         self._engine: AsyncEngine | None = None
 
     def __repr__(self) -> str:
-        return f"TraceStore({make_url(self.url).render_as_string(hide_password=True)!r})"
+        return f"TraceStore({masked_url(self.url)!r})"
 
     @property
     def engine(self) -> AsyncEngine:
