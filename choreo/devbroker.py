@@ -13,6 +13,9 @@ with ``auto.create.topics.enable=true``; explicit creation through the admin API
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import signal
 import socket
 import subprocess
 import tempfile
@@ -37,6 +40,13 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    # Outside the terminal's process group, the broker would outlive a killed parent: ask
+    # Linux to SIGKILL it when the parent dies (PR_SET_PDEATHSIG; elsewhere, nothing happens).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def _binary() -> str:
@@ -117,6 +127,10 @@ class Tansu:
             stdin=subprocess.DEVNULL,
             stdout=self._output,
             stderr=subprocess.STDOUT,
+            # Its own session: a terminal's Ctrl-C goes to the whole foreground process group,
+            # and the broker must outlive the services' shutdown, which `stop()` ends with it.
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         try:
             self._wait_ready()
