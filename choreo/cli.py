@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
@@ -34,12 +35,13 @@ from choreo.database import masked_url
 from choreo.exceptions import ChoreoError, ConfigurationError
 from choreo.graph import Choreography, discover, import_module, module_name
 from choreo.service import Service
-from choreo.settings import KafkaSettings, parse_duration
+from choreo.settings import LOG_FORMAT, KafkaSettings, log_level_from_env, parse_duration
 from choreo.tables import DeadLetter
 from choreo.tracing import (
     DATABASE_URL_ENV,
     DEFAULT_DATABASE_URL,
     DEFAULT_GROUP_ID,
+    MIN_PREFIX,
     Hop,
     SagaDeclaration,
     SagaState,
@@ -169,7 +171,7 @@ def _declarations(app_module: str | None) -> list[SagaDeclaration] | None:
 @app.command()
 @handled
 def trace(
-    saga_id: Annotated[str, typer.Argument(help="The saga id (or a unique prefix of it, 4+ characters)")],
+    saga_id: Annotated[str, typer.Argument(help=f"The saga id (or a unique prefix of it, {MIN_PREFIX}+ characters)")],
     db: DbOption = None,
     output: Annotated[TraceFormat, typer.Option("--format", "-f", help="text, json or mermaid")] = TraceFormat.text,
     app_module: AppOption = None,
@@ -183,7 +185,8 @@ def trace(
         try:
             found = await store.resolve(saga_id)
             if found is None:
-                raise ConfigurationError(f"no saga {saga_id!r} in the trace database {masked_url(store.url)}")
+                short = f" (a prefix needs at least {MIN_PREFIX} characters)" if len(saga_id) < MIN_PREFIX else ""
+                raise ConfigurationError(f"no saga {saga_id!r} in the trace database {masked_url(store.url)}{short}")
             saga = await store.trace(found, declarations)
             assert saga is not None
             return saga
@@ -306,7 +309,7 @@ def sagas(
     db: DbOption = None,
     state: Annotated[
         SagaState | None,
-        typer.Option("--state", help="Only sagas in this state: completed, compensated, failed, in-flight, overdue"),
+        typer.Option("--state", help=f"Only sagas in this state: {', '.join(SagaState)}"),
     ] = None,
     since: Annotated[
         str | None, typer.Option("--since", help="Only sagas started within this long, e.g. 90s, 10m, 2h, 1d")
@@ -426,6 +429,11 @@ def _count(n: int, noun: str) -> str:
 # -- collect, run, relay -----------------------------------------------------------------------
 
 
+def _log_from_env() -> None:
+    # Long-running commands log what the service does, at LOG_LEVEL, like the services' images.
+    logging.basicConfig(level=log_level_from_env().upper(), format=LOG_FORMAT)
+
+
 async def serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
     """Run `start()`, block until SIGINT or SIGTERM, then `stop()`."""
     stopping = asyncio.Event()
@@ -463,6 +471,7 @@ def collect(
     Runs until SIGINT/SIGTERM. Kafka settings come from CHOREO_TRACE_KAFKA_*, CHOREO_KAFKA_*
     (e.g. CHOREO_KAFKA_TOPIC_PREFIX) as for services.
     """
+    _log_from_env()
     services = discover(target)
     collector = TraceCollector(services, db or default_database_url(), kafka=bootstrap_servers, group_id=group)
     settings: KafkaSettings = collector.kafka_settings()
@@ -511,7 +520,11 @@ def load_service(spec: str) -> Service:
 @app.command()
 @handled
 def run(service_spec: ServiceArgument) -> None:
-    """Run one service (consumer, relay, cleanup) until SIGINT/SIGTERM, then stop it cleanly."""
+    """Run one service (consumer, relay, cleanup) until SIGINT/SIGTERM, then stop it cleanly.
+
+    Logs at LOG_LEVEL (debug, info, warning, error; default info).
+    """
+    _log_from_env()
     service = load_service(service_spec)
 
     async def start() -> None:
@@ -525,6 +538,7 @@ def run(service_spec: ServiceArgument) -> None:
 @handled
 def relay(service_spec: ServiceArgument) -> None:
     """Run only the relay of a service (publish its outbox, consume nothing) until SIGINT/SIGTERM."""
+    _log_from_env()
     service = load_service(service_spec)
 
     async def start() -> None:
@@ -598,7 +612,8 @@ def dlq_list(
             letter.last_failed_at.strftime("%Y-%m-%d %H:%M:%S"),
             _first_line(letter.error)[:60],
         )
-    _console().print(table if found else f"no {status} dead letters in {service.name}")
+    which = "" if status == "all" else f"{status} "
+    _console().print(table if found else f"no {which}dead letters in {service.name}")
 
 
 @dlq_app.command("show")

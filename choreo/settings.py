@@ -149,6 +149,19 @@ class KafkaSettings:
                 )
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_level_from_env(env: Mapping[str, str] | None = None) -> str:
+    """`LOG_LEVEL` (debug, info, warning or error; default info) of a long-running process."""
+    env = os.environ if env is None else env
+    level = env.get("LOG_LEVEL", "info").strip().lower() or "info"
+    if level not in LOG_LEVELS:
+        raise ConfigurationError(f"LOG_LEVEL={level!r}: use {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def retention_from_env(service: str, env: Mapping[str, str] | None = None) -> Retention:
     """Retention from `CHOREO_OUTBOX_RETENTION` / `CHOREO_INBOX_RETENTION` (e.g. 7d, 12h)."""
     env = os.environ if env is None else env

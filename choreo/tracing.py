@@ -75,6 +75,8 @@ log = logging.getLogger("choreo.tracing")
 DATABASE_URL_ENV = "CHOREO_TRACE_DATABASE_URL"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///choreo-trace.db"
 DEFAULT_GROUP_ID = "choreo-trace"
+MIN_PREFIX = 4
+"""The fewest characters of a saga id that `choreo trace` looks up as a prefix."""
 
 EVENT = "event"
 DEAD_LETTER = "dead-letter"
@@ -835,13 +837,13 @@ class TraceStore:
         return found
 
     async def resolve(self, saga_id: str) -> str | None:
-        """The full saga id for an id or a unique prefix of one (at least 4 characters); None if unknown.
+        """The full saga id for an id or a unique prefix of one (`MIN_PREFIX`+ characters); None if unknown.
 
         Raises ConfigurationError when the prefix is ambiguous.
         """
         async with self.engine.connect() as conn:
             exact = await conn.scalar(select(events_table.c.saga_id).where(events_table.c.saga_id == saga_id).limit(1))
-            if exact is not None or len(saga_id) < 4:
+            if exact is not None or len(saga_id) < MIN_PREFIX:
                 return exact
             pattern = saga_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             result = await conn.execute(

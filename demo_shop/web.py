@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from choreo import ConfigurationError, KafkaSettings, Service, SetupError
 from choreo.database import normalize_url
 from choreo.health import metrics, readiness
-from choreo.settings import database_url
+from choreo.settings import LOG_FORMAT, database_url, log_level_from_env
 
 OnStarted = Callable[[Service, float], None]
 """Called after each service started, with the seconds it took (for progress displays)."""
@@ -101,34 +101,37 @@ def create_service_app(service: Service, routers: Sequence[APIRouter], *, title:
 
 def serve_service(service: Service, app: FastAPI, *, default_port: int) -> None:
     """Run one service with its HTTP app, configured by the environment (see `--help`)."""
+    variables = [
+        (
+            f"CHOREO_{service.name.upper()}_DATABASE_URL or DATABASE_URL",
+            f"its own database (default sqlite+aiosqlite:///{service.name}.db)",
+        ),
+        ("KAFKA_BOOTSTRAP_SERVERS", "Kafka (default localhost:9092); more in CHOREO_KAFKA_*"),
+        ("HOST, PORT", f"HTTP listen address (default 127.0.0.1:{default_port})"),
+        ("LOG_LEVEL", "debug, info (default), warning, error"),
+    ]
+    width = max(len(name) for name, _ in variables) + 3
     usage = (
         f"usage: python -m demo_shop.{service.name}\n\n"
         f"Runs the {service.name} service alone, configured by environment variables:\n"
-        f"  CHOREO_{service.name.upper()}_DATABASE_URL or DATABASE_URL   its own database "
-        f"(default sqlite+aiosqlite:///{service.name}.db)\n"
-        "  KAFKA_BOOTSTRAP_SERVERS                   Kafka (default localhost:9092); more in CHOREO_KAFKA_*\n"
-        "  HOST, PORT                                HTTP listen address "
-        f"(default 127.0.0.1:{default_port})\n"
-        "  LOG_LEVEL                                 debug, info (default), warning, error\n"
+        + "".join(f"  {name.ljust(width)}{meaning}\n" for name, meaning in variables)
     )
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
         print(usage)
         return
     if sys.argv[1:]:
         sys.exit(f"unexpected arguments {sys.argv[1:]}; configure with environment variables\n\n{usage}")
-    level = os.environ.get("LOG_LEVEL", "info").lower()
-    if level not in ("debug", "info", "warning", "error"):
-        sys.exit(f"LOG_LEVEL={level!r}: use debug, info, warning or error")
     raw_port = os.environ.get("PORT", str(default_port))
     if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
         sys.exit(f"PORT={raw_port!r} is not a TCP port number")
     try:
         # Fail now, with the variable's name, rather than inside the server's startup.
+        level = log_level_from_env()
         KafkaSettings.from_env(service.name)
         normalize_url(database_url(service.name))
     except ConfigurationError as error:
         sys.exit(f"{service.name}: {error}")
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
     import uvicorn
 
     uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=int(raw_port), log_level=level)
