@@ -96,7 +96,7 @@ class KafkaTransport:
         delivered again. Takes effect at `start()`.
         """
         topics = tuple(self.settings.topic_prefix + topic for topic in topics)
-        self._members.append(_GroupMember(self, topics, group_id, on_batch))
+        self._members.append(_GroupMember(self, topics, self.settings.group(group_id), on_batch))
 
     def route_in_memory(self) -> KafkaBroker:
         """Deliver this transport's publishes to FastStream subscribers, for `TestKafkaBroker`.

@@ -92,6 +92,9 @@ class KafkaSettings:
     if a crash makes Kafka deliver them again)."""
     topic_prefix: str = ""
     """Prepended to every topic on the wire, so several environments can share a cluster."""
+    group_prefix: str | None = None
+    """Prepended to every consumer group id; None means the topic prefix, so that environments
+    sharing a cluster never share (and rebalance) a consumer group."""
     client_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for aiokafka's producer (e.g. `linger_ms`, `compression_type`)."""
 
@@ -106,6 +109,7 @@ class KafkaSettings:
         password = lookup("KAFKA_SASL_PASSWORD", service, env)
         partitions = lookup("KAFKA_PARTITIONS", service, env)
         prefix = lookup("KAFKA_TOPIC_PREFIX", service, env)
+        group_prefix = lookup("KAFKA_GROUP_PREFIX", service, env)
         settings = cls(
             bootstrap_servers=servers[1] if servers else cls.bootstrap_servers,
             fetch_max_wait_ms=_int("KAFKA_FETCH_MAX_WAIT_MS", service, env, 500, 0),
@@ -118,9 +122,14 @@ class KafkaSettings:
             sasl_username=username[1] if username else None,
             sasl_password=password[1] if password else None,
             topic_prefix=prefix[1] if prefix else "",
+            group_prefix=group_prefix[1] if group_prefix else None,
         )
         settings.validate()
         return settings
+
+    def group(self, group_id: str) -> str:
+        """The consumer group id on the wire for `group_id`."""
+        return (self.topic_prefix if self.group_prefix is None else self.group_prefix) + group_id
 
     def validate(self) -> None:
         """Raise ConfigurationError naming the setting to fix."""

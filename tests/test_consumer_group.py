@@ -26,7 +26,7 @@ async def publish(transport: KafkaTransport, start: int, count: int) -> None:
 
 async def committed_offsets(settings: KafkaSettings, group_id: str) -> dict[int, int]:
     """The group's committed offset per partition, as a new member would start from."""
-    probe = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group_id)
+    probe = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=settings.group(group_id))
     await probe.start()
     try:
         partitions = [TopicPartition(settings.topic_prefix + TOPIC, p) for p in range(settings.partitions or 1)]
