@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, WithJsonSchema
 from sqlalchemy import BigInteger, Numeric, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeEngine
@@ -18,12 +19,27 @@ def cents(amount: Decimal) -> Decimal:
     return amount.quantize(CENT)
 
 
+# Amounts travel as strings: a JSON number is a binary float to most clients, and no JSON Schema
+# for numbers can say "at most two decimal places" in a way validators agree on.
+AMOUNT_PATTERN = r"^(?:[1-9][0-9]{0,9}(?:\.[0-9]{1,2})?|0\.(?:[1-9][0-9]?|0[1-9]))$"
+"""A positive amount with at most 10 digits before the point and 2 after, e.g. "120.00"."""
+
+
+def _amount_text(value: object) -> object:
+    if not isinstance(value, str) or re.fullmatch(AMOUNT_PATTERN, value) is None:
+        raise ValueError(
+            'an amount is a string like "120.00": positive, at most 10 digits before the point and 2 after'
+        )
+    return value
+
+
 PositiveAmount = Annotated[
     Decimal,
-    Field(gt=0, max_digits=12, decimal_places=2, examples=["120.00"]),
+    BeforeValidator(_amount_text),
     AfterValidator(cents),
+    WithJsonSchema({"type": "string", "pattern": AMOUNT_PATTERN, "examples": ["120.00"]}, mode="validation"),
 ]
-"""A money amount accepted from clients: positive, at most 10 digits before the point, 2 after."""
+"""A money amount accepted from clients, as a string: positive, at most 10 digits before the point, 2 after."""
 
 
 class Money(TypeDecorator[Decimal]):

@@ -15,7 +15,7 @@ from demo_shop.customers import handlers as customers_handlers
 from demo_shop.orders import api as orders_api
 from demo_shop.orders import handlers as orders_handlers
 from demo_shop.payments import handlers as payments_handlers
-from demo_shop.web import OnStarted, health_router, lifespan
+from demo_shop.web import OnStarted, health_router, keep_http_promises, lifespan
 
 SERVICES: dict[str, Service] = {
     s.name: s for s in (orders_handlers.service, customers_handlers.service, payments_handlers.service)
@@ -69,6 +69,7 @@ class Shop:
             ),
             lifespan=lifespan(list(self), on_started),
         )
+        keep_http_promises(app)
         app.include_router(orders_api.create_router(self.orders))
         app.include_router(customers_api.create_router(self.customers))
         app.include_router(health_router(list(self)))

@@ -8,17 +8,72 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
+from starlette.responses import Response as StarletteResponse
+from starlette.routing import compile_path
 
 from choreo import ConfigurationError, KafkaSettings, Service, SetupError
 from choreo.database import normalize_url
 from choreo.health import metrics, readiness
 from choreo.settings import LOG_FORMAT, database_url, log_level_from_env
+
+
+class Problem(BaseModel):
+    """The body of every 4xx answer but 422: what went wrong, in words."""
+
+    detail: str
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error answers with a `Problem` body."""
+    meaning = {
+        400: "The body is not JSON",
+        404: "No such resource",
+        409: "The resource is not in a state that allows this",
+    }
+    return {code: {"model": Problem, "description": meaning[code]} for code in codes}
+
+
+def keep_http_promises(app: FastAPI) -> None:
+    """What every app of the shop answers beyond its routes, as its OpenAPI document says.
+
+    A 405 lists in `Allow` every method the path supports (Starlette names only the first
+    route's), and a 422 for a body that is not text (FastAPI would fail to encode the raw bytes
+    it quotes back, and answer 500) quotes them decoded with replacement characters.
+    """
+
+    @app.middleware("http")
+    async def allow(
+        request: Request, call_next: Callable[[Request], Awaitable[StarletteResponse]]
+    ) -> StarletteResponse:
+        response = await call_next(request)
+        if response.status_code == 405:
+            response.headers["Allow"] = ", ".join(_documented_methods(app, request.url.path))
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = [
+            {**e, "input": e["input"].decode(errors="replace")} if isinstance(e.get("input"), bytes) else e
+            for e in error.errors()
+        ]
+        return await request_validation_exception_handler(request, RequestValidationError(errors, body=error.body))
+
+
+def _documented_methods(app: FastAPI, path: str) -> list[str]:
+    for template, operations in app.openapi()["paths"].items():
+        if compile_path(template)[0].match(path):
+            return sorted(method.upper() for method in operations)
+    return []
+
 
 OnStarted = Callable[[Service, float], None]
 """Called after each service started, with the seconds it took (for progress displays)."""
@@ -55,7 +110,11 @@ def health_router(services: Sequence[Service]) -> APIRouter:
     """`/health` (readiness), `/health/live` (liveness) and `/metrics` (Prometheus) of this process."""
     router = APIRouter(tags=["health"])
 
-    @router.get("/health", summary="Readiness: every service runs and reaches its database")
+    @router.get(
+        "/health",
+        summary="Readiness: every service runs and reaches its database",
+        responses={503: {"description": "A service is not ready; `services` says which and why"}},
+    )
     async def health() -> JSONResponse:
         report = {service.name: await _readiness(service) for service in services}
         ready = all(state["ready"] for state in report.values())
@@ -68,7 +127,12 @@ def health_router(services: Sequence[Service]) -> APIRouter:
     async def live() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/metrics", summary="Outbox backlog, consumer lag and handler counters (Prometheus)")
+    @router.get(
+        "/metrics",
+        summary="Outbox backlog, consumer lag and handler counters (Prometheus)",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def exposition() -> PlainTextResponse:
         texts = [await metrics(service) for service in services if _started(service)]
         return PlainTextResponse("".join(texts), media_type="text/plain; version=0.0.4")
@@ -93,6 +157,7 @@ async def _readiness(service: Service) -> dict[str, Any]:
 def create_service_app(service: Service, routers: Sequence[APIRouter], *, title: str, description: str) -> FastAPI:
     """The HTTP app of one service running alone: its routers, /health, and its lifespan."""
     app = FastAPI(title=title, description=description, lifespan=lifespan([service]))
+    keep_http_promises(app)
     for router in routers:
         app.include_router(router)
     app.include_router(health_router([service]))

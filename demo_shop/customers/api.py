@@ -16,7 +16,7 @@ from demo_shop.customers import handlers
 from demo_shop.customers.handlers import add_customer
 from demo_shop.customers.models import Customer, Reservation, ReservationState
 from demo_shop.money import PositiveAmount
-from demo_shop.web import create_service_app
+from demo_shop.web import create_service_app, problems
 
 PathId = Annotated[str, Path(min_length=1, max_length=64, description="The customer id")]
 
@@ -27,7 +27,7 @@ class NewCustomer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-    credit_limit: PositiveAmount = Field(description="How much open orders may hold, e.g. 500.00")
+    credit_limit: PositiveAmount = Field(description='How much open orders may hold, a string like "500.00"')
 
 
 class ReservationOut(BaseModel):
@@ -67,13 +67,15 @@ def create_router(customers: Service) -> APIRouter:
     """The `/customers` endpoints, working on `customers`' database."""
     router = APIRouter(prefix="/customers", tags=["customers"])
 
-    @router.post("", status_code=201, summary="Create a customer with a credit limit")
+    @router.post("", status_code=201, summary="Create a customer with a credit limit", responses=problems(400))
     async def post_customer(body: NewCustomer, response: Response) -> CustomerOut:
         customer = await add_customer(customers, body.name, body.credit_limit)
         response.headers["Location"] = f"/customers/{customer.id}"
         return _out(customer, [])
 
-    @router.get("/{customer_id}", summary="A customer: credit limit, available credit, reservations")
+    @router.get(
+        "/{customer_id}", summary="A customer: credit limit, available credit, reservations", responses=problems(404)
+    )
     async def get_customer(customer_id: PathId) -> CustomerOut:
         async with AsyncSession(customers.engine) as session:
             customer = await session.get(Customer, customer_id)

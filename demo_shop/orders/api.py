@@ -16,7 +16,7 @@ from demo_shop.money import PositiveAmount
 from demo_shop.orders import handlers
 from demo_shop.orders.handlers import OrderConflict, OrderNotFound, cancel_order, place_order
 from demo_shop.orders.models import Order, OrderState
-from demo_shop.web import create_service_app
+from demo_shop.web import create_service_app, problems
 
 Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 PathId = Annotated[str, Path(min_length=1, max_length=64, description="The order id")]
@@ -28,7 +28,7 @@ class PlaceOrder(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     customer_id: Id = Field(description="Id of the customer placing the order")
-    total: PositiveAmount = Field(description="Order total, e.g. 120.00 (totals ending in .13 are declined)")
+    total: PositiveAmount = Field(description='Order total, a string like "120.00" (totals ending in .13 are declined)')
 
 
 class OrderOut(BaseModel):
@@ -52,7 +52,7 @@ def create_router(orders: Service) -> APIRouter:
     """The `/orders` endpoints, working on `orders`' database."""
     router = APIRouter(prefix="/orders", tags=["orders"])
 
-    @router.post("", status_code=201, summary="Place an order: starts the order saga")
+    @router.post("", status_code=201, summary="Place an order: starts the order saga", responses=problems(400))
     async def post_order(body: PlaceOrder, response: Response) -> OrderOut:
         order = await place_order(orders, body.customer_id, body.total)
         response.headers["Location"] = f"/orders/{order.id}"
@@ -69,7 +69,7 @@ def create_router(orders: Service) -> APIRouter:
         async with AsyncSession(orders.engine) as session:
             return [OrderOut.of(order) for order in (await session.execute(query)).scalars()]
 
-    @router.get("/{order_id}", summary="One order, with its state and rejection reason")
+    @router.get("/{order_id}", summary="One order, with its state and rejection reason", responses=problems(404))
     async def get_order(order_id: PathId) -> OrderOut:
         async with AsyncSession(orders.engine) as session:
             order = await session.get(Order, order_id)
@@ -80,7 +80,7 @@ def create_router(orders: Service) -> APIRouter:
     @router.post(
         "/{order_id}/cancel",
         summary="Cancel an approved order: refunds its payment and releases its credit",
-        responses={404: {"description": "No such order"}, 409: {"description": "Not APPROVED"}},
+        responses=problems(404, 409),
     )
     async def post_cancel(order_id: PathId) -> OrderOut:
         try:
