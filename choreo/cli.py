@@ -638,7 +638,13 @@ def dlq_show(service_spec: ServiceArgument, letter_id: Annotated[int, typer.Argu
 @dlq_app.command("replay")
 @handled
 def dlq_replay(
-    service_spec: ServiceArgument, ids: LetterIds = None, saga: SagaOption = None, handler: HandlerOption = None
+    service_spec: ServiceArgument,
+    ids: LetterIds = None,
+    saga: SagaOption = None,
+    handler: HandlerOption = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replay (and mark replayed) even letters the inbox shows as processed")
+    ] = False,
 ) -> None:
     """Run parked letters through their handler again (idempotent; saga and causation ids kept)."""
     service = load_service(service_spec)
@@ -646,7 +652,7 @@ def dlq_replay(
     async def main() -> list[dlq.ReplayResult]:
         await _open(service)
         try:
-            return await dlq.replay(service, await _select(service, ids, saga, handler, status=None))
+            return await dlq.replay(service, await _select(service, ids, saga, handler, status=None), force=force)
         finally:
             await service.stop()
 
@@ -655,8 +661,15 @@ def dlq_replay(
         typer.echo(f"{result.letter_id}: {result.outcome}")
     if not results:
         raise ChoreoError("no dead letter matched")
-    if any(result.outcome == "dead-lettered" for result in results):
-        raise typer.Exit(1)  # failed again: parked anew
+    refused = [result for result in results if result.outcome == "already-processed"]
+    for result in refused:
+        typer.echo(
+            f"letter {result.letter_id} not replayed: {result.detail}; "
+            "discard it, or replay it with --force to mark it replayed",
+            err=True,
+        )
+    if refused or any(result.outcome == "dead-lettered" for result in results):
+        raise typer.Exit(1)  # refused, or failed again: parked anew
 
 
 @dlq_app.command("discard")

@@ -3,22 +3,25 @@
 Replay sends the stored record through the service's normal unit of work, for the handler
 that failed on it: the inbox keeps it idempotent, and saga and causation ids come from the
 record's own headers. A replay that fails again parks a new letter; the old one stays as
-`replayed`, so the history of a record is kept.
+`replayed`, so the history of a record is kept. A letter whose event the inbox shows as
+processed by its handler (a later delivery succeeded) is not replayed unless forced: the
+replay could only be a duplicate, and marking it `replayed` would hide that it never was.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from choreo.envelope import utcnow
 from choreo.exceptions import ChoreoError
 from choreo.kafka import Record
 from choreo.service import Service
-from choreo.tables import DeadLetter, dead_letter_table
+from choreo.tables import DeadLetter, dead_letter_table, inbox_table
 
 STATUSES = ("parked", "replayed", "discarded")
 
@@ -29,7 +32,8 @@ class ReplayResult:
 
     letter_id: int
     outcome: str
-    """handled, duplicate, dead-lettered (failed again), skipped, or not-parked."""
+    """handled, duplicate, dead-lettered (failed again), skipped, not-parked, or already-processed."""
+    detail: str = ""
 
 
 async def letters(
@@ -58,16 +62,26 @@ async def letters(
         return list((await session.execute(query)).scalars())
 
 
-async def replay(service: Service, selected: Sequence[DeadLetter]) -> list[ReplayResult]:
-    """Run each parked letter through its handler again; mark it replayed."""
+async def replay(service: Service, selected: Sequence[DeadLetter], *, force: bool = False) -> list[ReplayResult]:
+    """Run each parked letter through its handler again; mark it replayed.
+
+    A letter whose event its handler already processed stays parked as `already-processed`,
+    unless `force`.
+    """
     consumer = service.consumer
     if consumer is None:
         raise ChoreoError(f"{service.name} is not open: `await service.start(kafka=False)` first")
+    processed = {} if force else await _already_processed(service, selected)
     results = []
     for letter in selected:
         assert letter.id is not None
         if letter.status != "parked":
             results.append(ReplayResult(letter.id, "not-parked"))
+            continue
+        if letter.id in processed:
+            at = processed[letter.id].strftime("%Y-%m-%d %H:%M:%S")
+            detail = f"{letter.consumer} already processed event {letter.event_id} at {at} (inbox)"
+            results.append(ReplayResult(letter.id, "already-processed", detail))
             continue
         record = Record(
             topic=letter.topic,
@@ -83,6 +97,25 @@ async def replay(service: Service, selected: Sequence[DeadLetter]) -> list[Repla
         await _resolve(service, [letter.id], "replayed")
         results.append(ReplayResult(letter.id, outcomes[0] if len(outcomes) == 1 else ",".join(outcomes)))
     return results
+
+
+async def _already_processed(service: Service, selected: Sequence[DeadLetter]) -> dict[int, datetime]:
+    """Per letter id, when the inbox says the letter's handler processed its event."""
+    wanted = {
+        (letter.consumer, letter.event_id): letter.id
+        for letter in selected
+        # A letter for the whole record (bad headers) names the service, not a handler.
+        if letter.status == "parked" and letter.event_id and letter.id is not None and letter.consumer != service.name
+    }
+    if not wanted:
+        return {}
+    columns = inbox_table.c
+    query = select(columns.consumer, columns.event_id, columns.processed_at).where(
+        tuple_(columns.consumer, columns.event_id).in_(list(wanted))
+    )
+    async with service.engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    return {wanted[(name, event_id)]: at for name, event_id, at in rows}
 
 
 async def discard(service: Service, selected: Sequence[DeadLetter]) -> list[int]:

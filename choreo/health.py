@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 
 from choreo import outbox
 from choreo.envelope import utcnow
+from choreo.exceptions import SetupError
 from choreo.service import Service
 from choreo.tables import dead_letter_table
 
@@ -22,6 +23,11 @@ async def readiness(service: Service) -> dict[str, Any]:
     """`ready` is true when the database answers and the service runs; details per check."""
     checks: dict[str, Any] = {"started": service.consumer is not None}
     try:
+        dead = service.transport.dead_consumers()
+    except SetupError:  # not started
+        dead = {}
+    checks["consumer"] = "; ".join(f"{group} stopped ({why})" for group, why in dead.items()) or "ok"
+    try:
         async with service.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
         checks["database"] = "ok"
@@ -31,7 +37,8 @@ async def readiness(service: Service) -> dict[str, Any]:
     checks["relay"] = "off" if relay is None else ("leader" if relay.stats.is_leader else "standby")
     if relay is not None and relay.stats.last_error:
         checks["relay_last_error"] = relay.stats.last_error
-    return {"ready": checks["started"] and checks["database"] == "ok", "service": service.name, "checks": checks}
+    ready = checks["started"] and checks["database"] == "ok" and not dead
+    return {"ready": ready, "service": service.name, "checks": checks}
 
 
 async def metrics(service: Service) -> str:

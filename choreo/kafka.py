@@ -137,6 +137,10 @@ class KafkaTransport:
                 lags[f"{topic}/{partition.partition}"] = max(0, highwater - position)
         return lags
 
+    def dead_consumers(self) -> dict[str, str]:
+        """Per consumer group, what stopped its member other than `stop()` (empty when all run)."""
+        return {m.group_id: f"{type(m.failure).__name__}: {m.failure}" for m in self._members if m.failure is not None}
+
     def _record(self, raw: Any) -> Record:
         return Record(
             topic=raw.topic.removeprefix(self.settings.topic_prefix),
@@ -261,14 +265,24 @@ class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
         self.group_id = group_id
         self.on_batch = on_batch
         self.consumer: AIOKafkaConsumer | None = None
+        self.failure: BaseException | None = None
+        """What ended the consuming task, if anything but `stop()` did: the member is dead."""
         self._processed: dict[TopicPartition, int] = {}
         """Per partition, the offset after the last record with a durable outcome."""
         self._committed: dict[TopicPartition, int] = {}
+        """Per partition, the group's committed offset as this member knows it: commits only go up."""
+        self._generation = 0
+        """Bumped at every revocation and assignment; a batch records offsets only in its own."""
+        self._announced: set[frozenset[TopicPartition]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._last_commit = 0.0
         self._task: asyncio.Task[None] | None = None
         self._committer: asyncio.Task[None] | None = None
+
+    @property
+    def _drain_timeout(self) -> float:
+        return self.transport.settings.drain_timeout_ms / 1000
 
     async def start(self) -> None:
         settings = self.transport.settings
@@ -277,20 +291,26 @@ class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
             group_id=self.group_id,
             client_id=self.transport.client_id,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset=settings.auto_offset_reset,
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
             **parse_security(self.transport._security),
         )
         consumer.subscribe(list(self.topics), listener=self)
-        await consumer.start()
+        # `start()` returns only once the group assigned partitions, so the listener needs
+        # the consumer before that.
         self.consumer = consumer
+        try:
+            await consumer.start()
+        except BaseException:
+            self.consumer = None
+            raise
         self._task = asyncio.create_task(self._run(consumer), name=f"choreo-consumer-{self.group_id}")
 
     async def stop(self) -> None:
         if self._task is not None:
             # Let the batch in hand finish rather than roll its transactions back.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), _DRAIN_TIMEOUT)
+                await asyncio.wait_for(self._idle.wait(), self._drain_timeout)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -304,11 +324,30 @@ class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
             # Without a reachable broker the final commit is skipped after a while: those
             # records are then delivered again and recognized by the inbox.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._commit(), _DRAIN_TIMEOUT)
+                await asyncio.wait_for(self._commit(), self._drain_timeout)
             await self.consumer.stop()
             self.consumer = None
 
     async def _run(self, consumer: AIOKafkaConsumer) -> None:
+        try:
+            await self._consume(consumer)
+        except BaseException as error:
+            task = asyncio.current_task()
+            if isinstance(error, asyncio.CancelledError) and task is not None and task.cancelling():
+                raise  # stop() cancelled it
+            # A BaseException from handler code (or a CancelledError nobody asked for) ends
+            # consuming: say so loudly, and let readiness fail rather than sit there "ready".
+            self.failure = error
+            log.critical(
+                "consumer %s stopped: %r escaped the batch; it consumes nothing until restarted",
+                self.group_id,
+                error,
+                exc_info=error,
+            )
+            if isinstance(error, KeyboardInterrupt | SystemExit):
+                raise
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         settings = self.transport.settings
         failures = 0
         while True:
@@ -322,6 +361,8 @@ class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue
             if not polled:
                 continue
+            # Read with no await since the poll: these records belong to this assignment.
+            generation = self._generation
             self._idle.clear()
             try:
                 await self.on_batch([self.transport._record(r) for records in polled.values() for r in records])
@@ -330,18 +371,34 @@ class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
                 # batch's first offsets so it comes again; the inbox absorbs what did commit.
                 failures += 1
                 log.exception("consumer %s failed; the batch will be delivered again", self.group_id)
-                for partition, records in polled.items():
-                    with contextlib.suppress(IllegalStateError):  # revoked meanwhile
-                        consumer.seek(partition, records[0].offset)
-                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
-                continue
+                if generation == self._generation:  # else the new assignment's positions stand
+                    for partition, records in polled.items():
+                        with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+                            consumer.seek(partition, records[0].offset)
+            else:
+                failures = 0
+                self._record_processed(generation, polled)
             finally:
                 self._idle.set()
-            failures = 0
-            for partition, records in polled.items():
-                self._processed[partition] = records[-1].offset + 1
-            if self._committer is None or self._committer.done():
-                self._committer = asyncio.create_task(self._commit_soon())
+            if failures:
+                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+
+    def _record_processed(self, generation: int, polled: dict[TopicPartition, list[Any]]) -> None:
+        if generation != self._generation:
+            # The batch outlived the rebalance drain: its partitions were handed over (and
+            # may have come back) meanwhile. Recording its offsets now could commit them
+            # below what the next owner committed, rewinding the group; the records are
+            # delivered again instead, and the inbox absorbs them.
+            log.warning(
+                "consumer %s: a batch outlasted the rebalance drain (%.1f s); its offsets are not committed",
+                self.group_id,
+                self._drain_timeout,
+            )
+            return
+        for partition, records in polled.items():
+            self._processed[partition] = records[-1].offset + 1
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_soon())
 
     async def _commit_soon(self) -> None:
         interval = self.transport.settings.commit_interval_ms / 1000
@@ -355,7 +412,7 @@ class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
         return {
             partition: offset
             for partition, offset in self._processed.items()
-            if partition in assigned and self._committed.get(partition) != offset
+            if partition in assigned and offset > self._committed.get(partition, -1)
         }
 
     async def _commit(self) -> None:
@@ -376,17 +433,55 @@ class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
         # Hand over cleanly: finish the batch in hand and commit it, so the next owner
         # starts after it instead of processing it again beside us.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), _DRAIN_TIMEOUT)
+            await asyncio.wait_for(self._idle.wait(), self._drain_timeout)
+        # From here on a batch still running belongs to the old assignment.
+        self._generation += 1
         await self._commit()
         for partition in revoked:
             self._processed.pop(partition, None)
             self._committed.pop(partition, None)
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        pass
+        # Start the new assignment from what the group committed: nothing processed under an
+        # older one counts, and no commit may go below the committed offsets.
+        self._generation += 1
+        self._processed.clear()
+        self._committed.clear()
+        consumer = self.consumer
+        if consumer is None or not assigned:
+            return
+        partitions = sorted(assigned)
+        try:
+            async with asyncio.timeout(_ASSIGN_TIMEOUT):
+                committed = await asyncio.gather(*(consumer.committed(tp) for tp in partitions))
+                self._committed = {
+                    tp: offset for tp, offset in zip(partitions, committed, strict=True) if offset is not None
+                }
+                await self._announce_start([tp for tp in partitions if tp not in self._committed])
+        except (TimeoutError, KafkaError) as error:
+            # Only the guard against rewinding is weaker: offsets recorded in this
+            # generation still come from records fetched from the committed positions.
+            log.info("consumer %s could not read its committed offsets (%s)", self.group_id, error)
+
+    async def _announce_start(self, fresh: list[TopicPartition]) -> None:
+        # A group without committed offsets starts at `auto_offset_reset`: on a new group
+        # (or a changed group id) that replays the topic from its start, or skips its past.
+        if not fresh or frozenset(fresh) in self._announced or self.consumer is None:
+            return
+        self._announced.add(frozenset(fresh))
+        reset = self.transport.settings.auto_offset_reset
+        starts = await (self.consumer.beginning_offsets if reset == "earliest" else self.consumer.end_offsets)(fresh)
+        log.warning(
+            "consumer group %s has no committed offset for %d partition(s); starting at the %s offsets "
+            "(CHOREO_KAFKA_AUTO_OFFSET_RESET): %s",
+            self.group_id,
+            len(fresh),
+            reset,
+            ", ".join(f"{tp.topic}/{tp.partition}@{starts[tp]}" for tp in fresh),
+        )
 
 
 _POLL_TIMEOUT_MS = 1000
 """How long one poll waits for records; it returns as soon as any arrive."""
-_DRAIN_TIMEOUT = 10.0
-"""How long a rebalance or a stop waits for the batch in hand (or a stop for its last commit)."""
+_ASSIGN_TIMEOUT = 5.0
+"""How long an assignment waits for the group's committed offsets before going on without them."""

@@ -20,6 +20,7 @@ from choreo.exceptions import ConfigurationError
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+OFFSET_RESETS = ("earliest", "latest")
 
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
@@ -90,6 +91,11 @@ class KafkaSettings:
     commit_interval_ms: int = 100
     """Consumed offsets are committed at most this often (records are deduplicated by the inbox
     if a crash makes Kafka deliver them again)."""
+    auto_offset_reset: str = "earliest"
+    """Where a consumer group without a committed offset starts: `earliest` (the whole
+    retained topic, right when a service joins an existing flow) or `latest` (only new records)."""
+    drain_timeout_ms: int = 10_000
+    """How long a rebalance or a stop waits for the batch in hand before handing over anyway."""
     topic_prefix: str = ""
     """Prepended to every topic on the wire, so several environments can share a cluster."""
     group_prefix: str | None = None
@@ -110,11 +116,14 @@ class KafkaSettings:
         partitions = lookup("KAFKA_PARTITIONS", service, env)
         prefix = lookup("KAFKA_TOPIC_PREFIX", service, env)
         group_prefix = lookup("KAFKA_GROUP_PREFIX", service, env)
+        reset = lookup("KAFKA_AUTO_OFFSET_RESET", service, env)
         settings = cls(
             bootstrap_servers=servers[1] if servers else cls.bootstrap_servers,
             fetch_max_wait_ms=_int("KAFKA_FETCH_MAX_WAIT_MS", service, env, 500, 0),
             max_poll_records=_int("KAFKA_MAX_POLL_RECORDS", service, env, 500, 1),
             commit_interval_ms=_int("KAFKA_COMMIT_INTERVAL_MS", service, env, 100, 0),
+            drain_timeout_ms=_int("KAFKA_DRAIN_TIMEOUT_MS", service, env, 10_000, 0),
+            auto_offset_reset=reset[1].strip().lower() if reset else "earliest",
             idempotence=_bool("KAFKA_IDEMPOTENCE", service, env, True),
             partitions=_int("KAFKA_PARTITIONS", service, env, 1, 1) if partitions else None,
             security_protocol=protocol[1].upper() if protocol else "PLAINTEXT",
@@ -142,6 +151,11 @@ class KafkaSettings:
                     f"Kafka bootstrap server {server.strip()!r} is not host:port "
                     "(CHOREO_KAFKA_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS)"
                 )
+        if self.auto_offset_reset not in OFFSET_RESETS:
+            raise ConfigurationError(
+                f"CHOREO_KAFKA_AUTO_OFFSET_RESET={self.auto_offset_reset!r}: use earliest (a new consumer "
+                "group reads the retained topic from its start) or latest (only records published from now on)"
+            )
         if self.security_protocol not in SECURITY_PROTOCOLS:
             raise ConfigurationError(
                 f"CHOREO_KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}: use one of {', '.join(SECURITY_PROTOCOLS)}"
