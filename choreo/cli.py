@@ -345,8 +345,10 @@ def sagas(
         console.print("no sagas" + (f" in state {state.value}" if state else "") + (f" since {since}" if since else ""))
         return
     table = Table(box=None, header_style="dim", pad_edge=False, padding=(0, 2))
-    for column in ("saga id", "saga", "state", "started", "took", "events", "ended by / stopped at"):
-        table.add_column(column, no_wrap=True, justify="right" if column in ("took", "events") else "left")
+    # `ended`: to the end event; `settled`: to the last event, e.g. a compensation long after the end.
+    for column in ("saga id", "saga", "state", "started", "ended", "settled", "events", "ended by / stopped at"):
+        numeric = column in ("ended", "settled", "events")
+        table.add_column(column, no_wrap=True, justify="right" if numeric else "left")
     for saga in found:
         where = (
             saga.ended_by.event.event_type if saga.ended_by else ", ".join(h.event.event_type for h in saga.stopped_at)
@@ -358,7 +360,8 @@ def sagas(
             saga.declaration.name if saga.declaration else "-",
             Text(saga.state.value, style=_STATE_STYLE[saga.state]),
             saga.started_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
-            _ms(saga.duration),
+            _ms(saga.ended_after) or "-",
+            _ms(saga.settled_after),
             str(sum(1 for hop in saga.hops() if hop.seen)),
             where,
         )
