@@ -407,9 +407,10 @@ def graph(
 def check(targets: TargetsArgument = None) -> None:
     """Verify the choreography statically; exit 1 with an explanation per problem.
 
-    Checks: events emitted that nobody handles and that end no saga; handlers whose event
-    nothing emits; saga runs that reach no declared end; failure runs that leave a
-    compensable step uncompensated. See docs/tracing.md.
+    Checks: events emitted that nobody handles, that end no saga and are not external;
+    handlers whose event nothing emits; saga runs that reach no declared end; failure runs
+    that leave a compensable step uncompensated; services that did a step of a saga and do
+    not handle the event that cancels it after it ended. See docs/tracing.md.
     """
     targets = targets or configured_apps()
     services = discover(*targets)
