@@ -590,10 +590,10 @@ class Choreography:
                     f"  {saga.name} ({service.name}): starts {_name(saga.starts)}, "
                     f"ends {_names(saga.ends, ' | ')}{deadline}{cancelled}"
                 )
-        compensations = sorted((c for cs in self.compensated_by.values() for c in cs), key=_name)
+        compensations = sorted(self._compensations(), key=_name)
         if compensations:
             lines.append("compensations")
-            for event_type in dict.fromkeys(compensations):
+            for event_type in compensations:
                 lines.append(f"  {_name(event_type)} ↺ undoes {_names(event_type.compensates)}")
         if self.external:
             lines.append(f"published {OUTSIDE}: {_names(self.external)}")
