@@ -1,6 +1,8 @@
 """`choreo`: trace sagas, list them, draw and check the choreography, run services and relays.
 
     choreo collect demo_shop                 index every saga of the app's services
+    choreo check demo_shop shipping          several apps, one choreography
+    choreo check                             the apps of [tool.choreo] in ./pyproject.toml
     choreo sagas --state failed --since 1h   recent sagas and their state
     choreo trace 3f1c2b7e                    one saga as a causal tree
     choreo graph demo_shop --format mermaid  the static choreography
@@ -33,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from choreo import dlq
 from choreo.database import masked_url
 from choreo.exceptions import ChoreoError, ConfigurationError
-from choreo.graph import Choreography, discover, import_module, module_name
+from choreo.graph import Choreography, configured_apps, discover, load_service, target_label
 from choreo.service import Service
 from choreo.settings import LOG_FORMAT, KafkaSettings, log_level_from_env, parse_duration
 from choreo.tables import DeadLetter
@@ -103,8 +105,13 @@ AppOption = Annotated[
         help="Module or package whose saga declarations to use (default: those the collector stored)",
     ),
 ]
-TargetArgument = Annotated[
-    str, typer.Argument(help="Module or package holding the services, e.g. demo_shop or app/services.py")
+TargetsArgument = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Modules or packages holding the services (e.g. demo_shop shipping, app/services.py, "
+        "module:service) [default: apps = [...] under [tool.choreo] in ./pyproject.toml]",
+        show_default=False,
+    ),
 ]
 ServiceArgument = Annotated[
     str, typer.Argument(help="The service: module:attribute (e.g. demo_shop.orders.handlers:service)")
@@ -348,8 +355,10 @@ def sagas(
         console.print("no sagas" + (f" in state {state.value}" if state else "") + (f" since {since}" if since else ""))
         return
     table = Table(box=None, header_style="dim", pad_edge=False, padding=(0, 2))
-    for column in ("saga id", "saga", "state", "started", "took", "events", "ended by / stopped at"):
-        table.add_column(column, no_wrap=True, justify="right" if column in ("took", "events") else "left")
+    # `ended`: to the end event; `settled`: to the last event, e.g. a compensation long after the end.
+    for column in ("saga id", "saga", "state", "started", "ended", "settled", "events", "ended by / stopped at"):
+        numeric = column in ("ended", "settled", "events")
+        table.add_column(column, no_wrap=True, justify="right" if numeric else "left")
     for saga in found:
         where = (
             saga.ended_by.event.event_type if saga.ended_by else ", ".join(h.event.event_type for h in saga.stopped_at)
@@ -361,7 +370,8 @@ def sagas(
             saga.declaration.name if saga.declaration else "-",
             Text(saga.state.value, style=_STATE_STYLE[saga.state]),
             saga.started_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
-            _ms(saga.duration),
+            _ms(saga.ended_after) or "-",
+            _ms(saga.settled_after),
             str(sum(1 for hop in saga.hops() if hop.seen)),
             where,
         )
@@ -382,11 +392,11 @@ def _summary(saga: SagaTrace) -> dict[str, Any]:
 @app.command()
 @handled
 def graph(
-    target: TargetArgument,
+    targets: TargetsArgument = None,
     output: Annotated[GraphFormat, typer.Option("--format", "-f", help="mermaid, dot or text")] = GraphFormat.mermaid,
 ) -> None:
     """Draw the static choreography: which service reacts to which event and may emit what."""
-    choreography = Choreography(discover(target))
+    choreography = Choreography(discover(*targets or ()))
     if output is GraphFormat.dot:
         typer.echo(choreography.to_dot())
     elif output is GraphFormat.text:
@@ -397,14 +407,16 @@ def graph(
 
 @app.command()
 @handled
-def check(target: TargetArgument) -> None:
+def check(targets: TargetsArgument = None) -> None:
     """Verify the choreography statically; exit 1 with an explanation per problem.
 
-    Checks: events emitted that nobody handles and that end no saga; handlers whose event
-    nothing emits; saga runs that reach no declared end; failure runs that leave a
-    compensable step uncompensated. See docs/tracing.md.
+    Checks: events emitted that nobody handles, that end no saga and are not external;
+    handlers whose event nothing emits; saga runs that reach no declared end; failure runs
+    that leave a compensable step uncompensated; services that did a step of a saga and do
+    not handle the event that cancels it after it ended. See docs/tracing.md.
     """
-    services = discover(target)
+    targets = targets or configured_apps()
+    services = discover(*targets)
     choreography = Choreography(services)
     report = choreography.check()
     handlers = len(choreography.handlers)
@@ -416,10 +428,11 @@ def check(target: TargetArgument) -> None:
         typer.echo(f"✗ {problem}")
     for note in report.notes:
         typer.echo(f"note: {note}")
+    apps = ", ".join(target_label(t) for t in targets)
     if report.problems:
-        typer.echo(f"choreo check: {len(report.problems)} problem(s) in {module_name(target)} ({scope})", err=True)
+        typer.echo(f"choreo check: {len(report.problems)} problem(s) in {apps} ({scope})", err=True)
         raise typer.Exit(1)
-    typer.echo(f"✓ choreo check: {module_name(target)} ({scope}): no problems")
+    typer.echo(f"✓ choreo check: {apps} ({scope}): no problems")
 
 
 def _count(n: int, noun: str) -> str:
@@ -453,7 +466,7 @@ async def serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitab
 @app.command()
 @handled
 def collect(
-    target: TargetArgument,
+    targets: TargetsArgument = None,
     db: DbOption = None,
     group: Annotated[str, typer.Option("--group", help="Kafka consumer group of the collector")] = DEFAULT_GROUP_ID,
     bootstrap_servers: Annotated[
@@ -472,7 +485,7 @@ def collect(
     (e.g. CHOREO_KAFKA_TOPIC_PREFIX) as for services.
     """
     _log_from_env()
-    services = discover(target)
+    services = discover(*targets or ())
     collector = TraceCollector(services, db or default_database_url(), kafka=bootstrap_servers, group_id=group)
     settings: KafkaSettings = collector.kafka_settings()
 
@@ -492,29 +505,6 @@ def collect(
         )
 
     _run(serve(start, stop))
-
-
-def load_service(spec: str) -> Service:
-    """The `Service` named by `module:attribute` (or `module` when it holds exactly one)."""
-    module_part, _, attribute = spec.partition(":")
-    module = import_module(module_name(module_part))
-    if attribute:
-        value: Any = module
-        for part in attribute.split("."):
-            value = getattr(value, part, None)
-        if isinstance(value, Service):
-            return value
-        named = [s for s in vars(module).values() if isinstance(s, Service) and s.name == attribute]
-        if named:
-            return named[0]
-        raise ConfigurationError(f"{spec}: {module.__name__} has no Service named {attribute!r}")
-    found = list({id(s): s for s in vars(module).values() if isinstance(s, Service)}.values())
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ConfigurationError(f"{spec}: {module.__name__} defines no choreo.Service; use module:attribute")
-    names = ", ".join(sorted(s.name for s in found))
-    raise ConfigurationError(f"{spec}: {module.__name__} defines several services ({names}); use module:attribute")
 
 
 @app.command()

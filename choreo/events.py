@@ -24,8 +24,9 @@ _TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 
 class Event(BaseModel):
     """Base class of every event; subclass with `name=`, `topic=` and optionally `version=`,
-    `key=` (a field whose value becomes the Kafka key instead of the saga id) and
-    `compensates=` (the event, or events, whose effect this one undoes)."""
+    `key=` (a field whose value becomes the Kafka key instead of the saga id),
+    `compensates=` (the event, or events, whose effect this one undoes) and `external=True`
+    (an integration event: published for consumers outside this codebase)."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -34,6 +35,7 @@ class Event(BaseModel):
     event_topic: ClassVar[str]
     event_key: ClassVar[str | None]
     compensates: ClassVar[tuple[type[Event], ...]]
+    event_external: ClassVar[bool]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # The class keywords are read in __pydantic_init_subclass__, once the fields exist.
@@ -48,6 +50,7 @@ class Event(BaseModel):
         version: int = 1,
         key: str | None = None,
         compensates: type[Event] | Iterable[type[Event]] = (),
+        external: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__pydantic_init_subclass__(**kwargs)
@@ -77,6 +80,9 @@ class Event(BaseModel):
         cls.event_version = version
         cls.event_topic = topic
         cls.event_key = key
+        if not isinstance(external, bool):
+            raise SetupError(f"event {name}: external= must be True or False, got {external!r}")
+        cls.event_external = external
         cls.compensates = undone
 
     def kafka_key(self, saga_id: str) -> str:

@@ -6,15 +6,18 @@
         print(problem)
 
 Everything here comes from declarations: `@service.on(...)` with its return annotation or
-`emits=`, `service.declare(...)` for events emitted outside handlers, `service.saga(...)`, and
-`compensates=` on event classes. Nothing runs and nothing connects.
+`emits=`, `service.declare(...)` for events emitted outside handlers, `service.saga(...)` (with
+its `cancelled_by=`), and `compensates=` and `external=` on event classes. Nothing runs and
+nothing connects.
 
-`check()` reports four kinds of problems (docs/tracing.md has the details):
+`check()` reports five kinds of problems (docs/tracing.md has the details):
 
-- `unhandled-event`: an event is emitted, nobody handles it, and it ends no saga;
+- `unhandled-event`: an event is emitted, nobody handles it, it ends no saga and is not external;
 - `unreachable-handler`: a handler reacts to an event that nothing emits;
 - `saga-without-end`: some run of a saga reaches none of its declared ends;
-- `uncompensated-step`: a run that ends a saga in failure leaves a compensable step undone.
+- `uncompensated-step`: a run that ends a saga in failure leaves a compensable step undone;
+- `uncancelled-step`: a service did a step of a saga that ended well, and does not handle the
+  event that cancels that saga afterwards.
 
 A *run* of a saga starts with its `starts` event; every handler of an event in the run reacts,
 and each handler emits one of the events it declares (or nothing, if it declares none). Each
@@ -29,6 +32,7 @@ import itertools
 import os
 import pkgutil
 import sys
+import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -48,36 +52,106 @@ UNHANDLED_EVENT = "unhandled-event"
 UNREACHABLE_HANDLER = "unreachable-handler"
 SAGA_WITHOUT_END = "saga-without-end"
 UNCOMPENSATED_STEP = "uncompensated-step"
-PROBLEM_KINDS = (UNHANDLED_EVENT, UNREACHABLE_HANDLER, SAGA_WITHOUT_END, UNCOMPENSATED_STEP)
+UNCANCELLED_STEP = "uncancelled-step"
+PROBLEM_KINDS = (UNHANDLED_EVENT, UNREACHABLE_HANDLER, SAGA_WITHOUT_END, UNCOMPENSATED_STEP, UNCANCELLED_STEP)
+
+OUTSIDE = "outside this system"
+"""Where the drawings send external events (`external=True`): consumers beyond these services."""
 
 
 # -- discovery ---------------------------------------------------------------------------------
 
 
-def discover(target: str) -> list[Service]:
-    """Import a module or package (every sub-module of a package) and collect its `Service` objects.
+def discover(*targets: str) -> list[Service]:
+    """Import one or more targets and collect their `Service` objects, once each, in order.
 
-    `target` is a dotted module name (`demo_shop`) or a path (`demo_shop/`, `app/services.py`)
-    relative to the current directory, which is put on `sys.path` like `python -m` does.
-    Services are found in module globals, once each, in import order.
+    A target is a dotted module name (`demo_shop`), a path (`demo_shop/`, `app/services.py`)
+    relative to the current directory, which is put on `sys.path` like `python -m` does, or
+    `module:attribute` for one service. A package is searched in every sub-module, for services
+    in module globals, in import order. With no target, the `apps` listed under `[tool.choreo]`
+    in the current directory's pyproject.toml are used.
     """
+    services: list[Service] = []
+    found_in: dict[str, str] = {}
+    for target in targets or configured_apps():
+        for service in [load_service(target)] if ":" in target else _services_in(target):
+            known = next((s for s in services if s.name == service.name), None)
+            if known is not None and (known is service or known.handlers == service.handlers):
+                continue  # named twice (a package and its sub-module) or a configured copy
+            if known is not None:
+                raise ConfigurationError(
+                    f"two different services are named {service.name!r}: one in {found_in[service.name]}, "
+                    f"another in {target}; a service's name is its consumer group, so it must be unique"
+                )
+            found_in[service.name] = target
+            services.append(service)
+    return services
+
+
+def _services_in(target: str) -> list[Service]:
     name = module_name(target)
     modules = list(_import_tree(name))
-    services: list[Service] = []
-    names: dict[str, Service] = {}
+    services: dict[str, Service] = {}
     for module in modules:
         for value in list(vars(module).values()):
-            if not isinstance(value, Service) or any(value is s for s in services):
-                continue
-            if value.name in names:
-                continue  # another object of the same name (e.g. a configured copy): the first one counts
-            names[value.name] = value
-            services.append(value)
+            # Another object of the same name (e.g. a configured copy): the first one counts.
+            if isinstance(value, Service) and value.name not in services:
+                services[value.name] = value
     if not services:
         raise ConfigurationError(
             f"{name} defines no choreo.Service at module level (searched {len(modules)} module(s))"
         )
-    return services
+    return list(services.values())
+
+
+def load_service(spec: str) -> Service:
+    """The `Service` named by `module:attribute` (or `module` when it holds exactly one)."""
+    module_part, _, attribute = spec.partition(":")
+    module = import_module(module_name(module_part))
+    if attribute:
+        value: object = module
+        for part in attribute.split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, Service):
+            return value
+        named = [s for s in vars(module).values() if isinstance(s, Service) and s.name == attribute]
+        if named:
+            return named[0]
+        raise ConfigurationError(f"{spec}: {module.__name__} has no Service named {attribute!r}")
+    found = list({id(s): s for s in vars(module).values() if isinstance(s, Service)}.values())
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ConfigurationError(f"{spec}: {module.__name__} defines no choreo.Service; use module:attribute")
+    names = ", ".join(sorted(s.name for s in found))
+    raise ConfigurationError(f"{spec}: {module.__name__} defines several services ({names}); use module:attribute")
+
+
+def configured_apps(directory: Path | None = None) -> list[str]:
+    """The targets listed as `apps` under `[tool.choreo]` in the pyproject.toml of `directory` (default: cwd)."""
+    path = (directory or Path.cwd()) / "pyproject.toml"
+    hint = (
+        "name the apps (e.g. choreo check demo_shop shipping) or list them in pyproject.toml: "
+        '[tool.choreo] apps = ["demo_shop"]'
+    )
+    if not path.is_file():
+        raise ConfigurationError(f"no app given and no pyproject.toml in {path.parent}; {hint}")
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigurationError(f"{path} is not valid TOML: {error}") from None
+    apps = document.get("tool", {}).get("choreo", {}).get("apps")
+    if apps is None:
+        raise ConfigurationError(f"no app given and {path} has no [tool.choreo] apps; {hint}")
+    if not isinstance(apps, list) or not apps or not all(isinstance(app, str) and app.strip() for app in apps):
+        raise ConfigurationError(f"{path}: [tool.choreo] apps must be a non-empty list of module names, got {apps!r}")
+    return apps
+
+
+def target_label(target: str) -> str:
+    """How a target is named in messages: its dotted module name, with `:attribute` if any."""
+    module_part, colon, attribute = target.partition(":")
+    return module_name(module_part) + colon + attribute
 
 
 def module_name(target: str) -> str:
@@ -255,7 +329,8 @@ class Choreography:
                     starters.append(Emitter(service.name))
         self.events: set[type[Event]] = set(self.consumers) | set(self.emitters)
         for _, saga in self.sagas:
-            self.events |= {saga.starts, *saga.ends}
+            self.events |= {saga.starts, *saga.ends, *saga.cancelled_by}
+        self.external = sorted((e for e in self.events if e.event_external), key=_name)
         self.compensated_by: dict[type[Event], set[type[Event]]] = {}
         for event_type in self.events:
             for undone in event_type.compensates:
@@ -317,7 +392,9 @@ class Choreography:
                     f"saga {saga.name!r} has more than {MAX_RUNS} runs; only the first {MAX_RUNS} were checked"
                 )
             self._check_ends(report, service, saga, runs)
-            self._check_compensations(report, saga, runs)
+            failure_ends = self._failure_ends(saga, runs)
+            self._check_compensations(report, saga, runs, failure_ends)
+            self._check_cancellations(report, saga, runs, failure_ends)
         return report
 
     def _check_unhandled(self, report: CheckReport) -> None:
@@ -327,13 +404,16 @@ class Choreography:
                 continue
             if event_type.compensates:
                 continue  # a compensation is the last word of an undo: announcing it is enough
+            if event_type.event_external:
+                continue  # published for consumers outside this codebase
             by = ", ".join(e.label for e in self.emitters[event_type])
             report.problems.append(
                 Problem(
                     UNHANDLED_EVENT,
                     _name(event_type),
                     f"{_name(event_type)} is emitted by {by}, but no handler reacts to it and it ends no saga; "
-                    "handle it, add it to a saga's ends=, or stop emitting it",
+                    "handle it, add it to a saga's ends=, mark it external=True if it is published for "
+                    "consumers outside these services, or stop emitting it",
                 )
             )
 
@@ -380,14 +460,22 @@ class Choreography:
             return f"{', '.join(silent)} reacts to {_name(leaf)} but emits nothing"
         return f"the handlers of {_name(leaf)} only emit events already on the run"
 
-    def _check_compensations(self, report: CheckReport, saga: Saga, runs: list[Run]) -> None:
-        compensations = {c for cs in self.compensated_by.values() for c in cs}
-        failure_ends = {
+    def _compensations(self) -> set[type[Event]]:
+        return {c for cs in self.compensated_by.values() for c in cs}
+
+    def _failure_ends(self, saga: Saga, runs: list[Run]) -> set[type[Event]]:
+        """Ends that mean failure: reached along with a compensation, or answered by one."""
+        compensations = self._compensations()
+        return {
             end
             for end in saga.ends
             if any(end in run.events and run.events & compensations for run in runs)
             or any(h.emits & compensations for h in self.handlers_of(end))
         }
+
+    def _check_compensations(
+        self, report: CheckReport, saga: Saga, runs: list[Run], failure_ends: set[type[Event]]
+    ) -> None:
         reported: set[tuple[type[Event], type[Event], tuple[type[Event], ...]]] = set()
         for run in runs:
             for end in sorted(run.events & failure_ends, key=_name):
@@ -413,6 +501,52 @@ class Choreography:
                         )
                     )
 
+    def _check_cancellations(
+        self, report: CheckReport, saga: Saga, runs: list[Run], failure_ends: set[type[Event]]
+    ) -> None:
+        """Every service that did a step of a saga that ended well must handle each cancellation.
+
+        A step is a handler that reacted on a successful run (one reaching an end that is not a
+        failure, with no compensation) and emitted something that is not itself a compensation;
+        events after the end (e.g. shipping reacting to `order.approved`) count too. A service
+        that emits the cancellation undoes its own steps while emitting it, so it is exempt.
+        """
+        if not saga.cancelled_by:
+            return
+        compensations = self._compensations()
+        good_ends = saga.ends - failure_ends
+        cancellers = {e.service for c in saga.cancelled_by for e in self.emitters.get(c, [])}
+        # (service, cancellation) -> steps as "handler (on X → Y)", and the first run showing one
+        missing: dict[tuple[str, type[Event]], tuple[dict[str, None], list[type[Event]]]] = {}
+        for run in runs:
+            if not run.events & good_ends or run.events & compensations:
+                continue
+            for emitted, cause in run.causes.items():
+                if cause is None or emitted.compensates:
+                    continue
+                trigger, handler = cause
+                service = self.owner(handler)
+                if service.name in cancellers:
+                    continue
+                handled = {t for h in service.handlers for t in h.event_types}
+                for cancel in sorted(saga.cancelled_by - handled, key=_name):
+                    steps, path = missing.setdefault((service.name, cancel), ({}, run.path_to(emitted)))
+                    steps.setdefault(f"{handler.name} (on {_name(trigger)} → {_name(emitted)})")
+        for (service_name, cancel), (steps, path) in missing.items():
+            by = ", ".join(e.label for e in self.emitters.get(cancel, [])) or "nobody"
+            several = len(steps) > 1
+            report.problems.append(
+                Problem(
+                    UNCANCELLED_STEP,
+                    f"{service_name}/{_name(cancel)}",
+                    f"saga {saga.name!r} can be cancelled after it ended with {_name(cancel)} (emitted by {by}), "
+                    f"but {service_name} does not handle it, so its step{'s' if several else ''} "
+                    f"{', '.join(steps)} stay{'' if several else 's'} done when the saga is cancelled "
+                    f"(e.g. on the run {_chain(path)}); give {service_name} a handler of {cancel.__name__} "
+                    f"that undoes {'them' if several else 'it'} (emitting a compensation if others must know)",
+                )
+            )
+
     # -- drawing -------------------------------------------------------------------------------
 
     def _roles(self, event_type: type[Event]) -> list[str]:
@@ -424,8 +558,12 @@ class Choreography:
                 roles.append(f"ends {saga.name}")
             if event_type is saga.timeout_event:
                 roles.append(f"deadline of {saga.name}")
+            if event_type in saga.cancelled_by:
+                roles.append(f"cancels {saga.name}")
         if event_type.compensates:
             roles.append(f"↺ undoes {_names(event_type.compensates)}")
+        if event_type.event_external:
+            roles.append("→ outside")
         return roles
 
     def to_text(self) -> str:
@@ -447,15 +585,18 @@ class Choreography:
             lines.append("sagas")
             for service, saga in self.sagas:
                 deadline = f", deadline {_duration(saga.deadline)}" if saga.deadline else ""
+                cancelled = f", cancelled by {_names(saga.cancelled_by, ' | ')}" if saga.cancelled_by else ""
                 lines.append(
                     f"  {saga.name} ({service.name}): starts {_name(saga.starts)}, "
-                    f"ends {_names(saga.ends, ' | ')}{deadline}"
+                    f"ends {_names(saga.ends, ' | ')}{deadline}{cancelled}"
                 )
-        compensations = sorted((c for cs in self.compensated_by.values() for c in cs), key=_name)
+        compensations = sorted(self._compensations(), key=_name)
         if compensations:
             lines.append("compensations")
-            for event_type in dict.fromkeys(compensations):
+            for event_type in compensations:
                 lines.append(f"  {_name(event_type)} ↺ undoes {_names(event_type.compensates)}")
+        if self.external:
+            lines.append(f"published {OUTSIDE}: {_names(self.external)}")
         return "\n".join(lines)
 
     def to_mermaid(self) -> str:
@@ -481,6 +622,8 @@ class Choreography:
             for handler in service.handlers:
                 lines.append(f'        {_node_id("h", handler.name)}["{handler.name}"]')
             lines.append("    end")
+        if self.external:
+            lines.append(f'    outside{{{{"{OUTSIDE}"}}}}:::outside')
         for _, handler in self.handlers:
             for event_type in sorted(handler.event_types, key=_name):
                 lines.append(f"    {_event_id(event_type)} --> {_node_id('h', handler.name)}")
@@ -492,11 +635,14 @@ class Choreography:
                 if emitter.handler is None:
                     arrow = "-. deadline .->" if emitter.deadline_of else "-->"
                     lines.append(f"    {_node_id('out', emitter.service)} {arrow} {_event_id(event_type)}")
+        for event_type in self.external:
+            lines.append(f"    {_event_id(event_type)} --> outside")
         lines += [
             "    classDef event fill:#eef,stroke:#557",
             "    classDef sagaStart fill:#dfd,stroke:#383",
             "    classDef sagaEnd fill:#ffd,stroke:#873",
             "    classDef compensation fill:#fed,stroke:#a50,stroke-dasharray: 4 2",
+            *(["    classDef outside fill:#eee,stroke:#777"] if self.external else []),
         ]
         return "\n".join(lines)
 
@@ -516,6 +662,8 @@ class Choreography:
             for handler in service.handlers:
                 lines.append(f'        "{handler.name}" [shape=box];')
             lines.append("    }")
+        if self.external:
+            lines.append(f'    "{OUTSIDE}" [shape=doubleoctagon, style=filled, fillcolor="#eeeeee"];')
         for _, handler in self.handlers:
             for event_type in sorted(handler.event_types, key=_name):
                 lines.append(f'    "{_name(event_type)}" -> "{handler.name}";')
@@ -527,6 +675,8 @@ class Choreography:
                 if emitter.handler is None:
                     style = ' [style=dotted, label="deadline"]' if emitter.deadline_of else ""
                     lines.append(f'    "{emitter.service} (outside handlers)" -> "{_name(event_type)}"{style};')
+        for event_type in self.external:
+            lines.append(f'    "{_name(event_type)}" -> "{OUTSIDE}";')
         lines.append("}")
         return "\n".join(lines)
 

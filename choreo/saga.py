@@ -45,6 +45,8 @@ class Saga:
     deadline: timedelta | None = None
     on_deadline: Callable[[Any], Event] | None = field(default=None, compare=False)
     timeout_event: type[Event] | None = None
+    cancelled_by: frozenset[type[Event]] = frozenset()
+    """Events that undo the saga after it ended well; whoever cancels emits them under its saga id."""
 
     def __post_init__(self) -> None:
         where = f"saga {self.name!r}"
@@ -57,6 +59,11 @@ class Saga:
             raise SetupError(f"{where}: ends= must name at least one event that finishes it")
         if self.starts in self.ends:
             raise SetupError(f"{where}: {describe(self.starts)} cannot both start and end it")
+        for event_type in self.cancelled_by:
+            if not is_event_type(event_type):
+                raise SetupError(f"{where}: cancelled_by= names {event_type!r}, which is not a concrete choreo.Event")
+            if event_type is self.starts or event_type in self.ends:
+                raise SetupError(f"{where}: {describe(event_type)} cannot both cancel it and start or end it")
         if (self.deadline is None) != (self.on_deadline is None):
             raise SetupError(
                 f"{where}: deadline= and on_deadline= go together (on_deadline builds the "

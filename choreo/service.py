@@ -136,13 +136,19 @@ class Service:
         deadline: timedelta | None = None,
         on_deadline: Callable[[Any], Event] | None = None,
         timeout_event: type[Event] | None = None,
+        cancelled_by: type[Event] | Iterable[type[Event]] = (),
     ) -> Saga:
-        """Declare a saga this service starts (see `choreo.saga`); returns it."""
+        """Declare a saga this service starts (see `choreo.saga`); returns it.
+
+        `cancelled_by` names the events this service emits, under the saga's id, to undo the
+        saga after it ended well (e.g. `order.cancelled` from an HTTP endpoint).
+        """
         self._ensure_open(name)
-        saga = Saga(name, starts, frozenset(ends), deadline, on_deadline, timeout_event)
+        cancels = frozenset((cancelled_by,) if isinstance(cancelled_by, type) else cancelled_by)
+        saga = Saga(name, starts, frozenset(ends), deadline, on_deadline, timeout_event, cancels)
         if any(s.name == name or s.starts is starts for s in self.sagas):
             raise SetupError(f"{self.name} already declares a saga named {name!r} or started by {starts!r}")
-        self.declare(starts, *([timeout_event] if timeout_event else []))
+        self.declare(starts, *([timeout_event] if timeout_event else []), *cancels)
         self.sagas.append(saga)
         return saga
 

@@ -390,10 +390,20 @@ class SagaTrace:
             yield from root.walk()
 
     @property
+    def ended_after(self) -> timedelta | None:
+        """From the start to the saga's end event; None while no end was seen."""
+        return None if self.ended_by is None else self.ended_by.event.occurred_at - self.started_at
+
+    @property
+    def settled_after(self) -> timedelta:
+        """From the start to the last event seen, compensations and cancellations after the end included."""
+        return self.last_at - self.started_at
+
+    @property
     def duration(self) -> timedelta:
-        """From the first event to the end event, or to the last event seen."""
-        end = self.ended_by.event.occurred_at if self.ended_by else self.last_at
-        return end - self.started_at
+        """`ended_after` once the saga ended, else `settled_after` (how long it has been going)."""
+        ended = self.ended_after
+        return self.settled_after if ended is None else ended
 
     @property
     def compensations(self) -> list[Hop]:
@@ -475,6 +485,8 @@ class SagaTrace:
             "started_at": self.started_at.isoformat(),
             "last_event_at": self.last_at.isoformat(),
             "duration_ms": ms(self.duration),
+            "ended_ms": ms(self.ended_after),
+            "settled_ms": ms(self.settled_after),
             "deadline_ms": ms(declaration.deadline) if declaration else None,
             "ended_by": self.ended_by.event.event_type if self.ended_by else None,
             "stopped_at": [

@@ -11,6 +11,7 @@ from choreo.exceptions import ConfigurationError
 from choreo.graph import (
     PROBLEM_KINDS,
     SAGA_WITHOUT_END,
+    UNCANCELLED_STEP,
     UNCOMPENSATED_STEP,
     UNHANDLED_EVENT,
     UNREACHABLE_HANDLER,
@@ -51,7 +52,8 @@ def test_runs_follow_every_alternative_and_every_reacting_handler() -> None:
 
 
 def test_problem_kinds_match_the_broken_variants() -> None:
-    assert set(PROBLEM_KINDS) == set(BROKEN_VARIANTS)
+    # The toy has no cancellation; tests/test_check_choreography.py breaks one.
+    assert set(PROBLEM_KINDS) == {*BROKEN_VARIANTS, UNCANCELLED_STEP}
 
 
 def test_an_event_nobody_handles_is_reported() -> None:
@@ -60,7 +62,8 @@ def test_an_event_nobody_handles_is_reported() -> None:
     assert problem.kind == UNHANDLED_EVENT and problem.subject == "t3.payment_audited"
     assert problem.message == (
         "t3.payment_audited is emitted by payments.audit, but no handler reacts to it and it ends no saga; "
-        "handle it, add it to a saga's ends=, or stop emitting it"
+        "handle it, add it to a saga's ends=, mark it external=True if it is published for consumers outside "
+        "these services, or stop emitting it"
     )
 
 

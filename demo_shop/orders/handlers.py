@@ -45,9 +45,12 @@ order_saga = service.saga(
     deadline=ORDER_DEADLINE,
     on_deadline=lambda started: OrderDeadlinePassed(order_id=started.order_id),
     timeout_event=OrderDeadlinePassed,
+    cancelled_by=OrderCancelled,
 )
 """The saga every order starts; metadata for tracing and checks, never a coordinator. If it has
-not ended by its deadline, `expire_order` rejects the order and the compensations follow."""
+not ended by its deadline, `expire_order` rejects the order and the compensations follow. After
+it is approved, `POST /orders/{id}/cancel` may undo it with `order.cancelled`: `choreo check`
+verifies that every service that did a step of it handles that event."""
 
 
 class OrderNotFound(LookupError):
