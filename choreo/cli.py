@@ -33,7 +33,7 @@ from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
 from choreo import dlq
-from choreo.database import masked_url
+from choreo.database import masked_url, require_existing
 from choreo.exceptions import ChoreoError, ConfigurationError
 from choreo.graph import Choreography, configured_apps, discover, load_service, target_label
 from choreo.service import Service
@@ -551,7 +551,26 @@ HandlerOption = Annotated[
 ]
 
 
+ServiceDbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="The service's database URL [default: $CHOREO_<SERVICE>_DATABASE_URL, $CHOREO_DATABASE_URL, "
+        "$DATABASE_URL, else sqlite+aiosqlite:///<service>.db]",
+        show_default=False,
+    ),
+]
+
+
+def _letters_of(service_spec: str, db: str | None) -> Service:
+    service = load_service(service_spec)
+    return service if db is None else service.clone(database_url=db)
+
+
 async def _open(service: Service) -> None:
+    # An operator's typo must not create an empty database that then "has no dead letters".
+    variable = f"CHOREO_{service.name.upper().replace('-', '_')}_DATABASE_URL"
+    require_existing(service.database_url, f"{service.name}'s database", f"pass --db or set {variable}")
     # The database alone: a replay's events wait in the outbox for the running service's relay.
     await service.start(kafka=False)
 
@@ -573,9 +592,10 @@ def dlq_list(
     handler: HandlerOption = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 50,
     output: Annotated[ListFormat, typer.Option("--format", "-f", help="text or json")] = ListFormat.text,
+    db: ServiceDbOption = None,
 ) -> None:
     """List dead letters, newest first."""
-    service = load_service(service_spec)
+    service = _letters_of(service_spec, db)
 
     async def main() -> list[DeadLetter]:
         await _open(service)
@@ -608,9 +628,13 @@ def dlq_list(
 
 @dlq_app.command("show")
 @handled
-def dlq_show(service_spec: ServiceArgument, letter_id: Annotated[int, typer.Argument(help="The letter's id")]) -> None:
+def dlq_show(
+    service_spec: ServiceArgument,
+    letter_id: Annotated[int, typer.Argument(help="The letter's id")],
+    db: ServiceDbOption = None,
+) -> None:
     """Show one dead letter whole: headers, payload, error and traceback."""
-    service = load_service(service_spec)
+    service = _letters_of(service_spec, db)
 
     async def main() -> list[DeadLetter]:
         await _open(service)
@@ -635,9 +659,10 @@ def dlq_replay(
     force: Annotated[
         bool, typer.Option("--force", help="Replay (and mark replayed) even letters the inbox shows as processed")
     ] = False,
+    db: ServiceDbOption = None,
 ) -> None:
     """Run parked letters through their handler again (idempotent; saga and causation ids kept)."""
-    service = load_service(service_spec)
+    service = _letters_of(service_spec, db)
 
     async def main() -> list[dlq.ReplayResult]:
         await _open(service)
@@ -665,10 +690,14 @@ def dlq_replay(
 @dlq_app.command("discard")
 @handled
 def dlq_discard(
-    service_spec: ServiceArgument, ids: LetterIds = None, saga: SagaOption = None, handler: HandlerOption = None
+    service_spec: ServiceArgument,
+    ids: LetterIds = None,
+    saga: SagaOption = None,
+    handler: HandlerOption = None,
+    db: ServiceDbOption = None,
 ) -> None:
     """Mark parked letters discarded: kept for audit, never replayed."""
-    service = load_service(service_spec)
+    service = _letters_of(service_spec, db)
 
     async def main() -> list[int]:
         await _open(service)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import bindparam, event, exc, text
@@ -61,6 +62,15 @@ def normalize_url(url: str) -> str:
         f"database URL {parsed.render_as_string()!r}: choreo supports PostgreSQL "
         f"(postgresql+asyncpg://...) and SQLite (sqlite+aiosqlite:///file.db), not {backend!r}"
     )
+
+
+def require_existing(url: str, what: str, fix: str) -> None:
+    """Refuse a SQLite URL whose file does not exist (opening it would create an empty one)."""
+    parsed = make_url(normalize_url(url))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    if not Path(parsed.database).exists():
+        raise ConfigurationError(f"{what} {parsed.database} does not exist; {fix}")
 
 
 def create_engine(url: str, **options: Any) -> AsyncEngine:

@@ -203,6 +203,11 @@ class Service:
     # -- running -----------------------------------------------------------------------------
 
     @property
+    def database_url(self) -> str:
+        """The URL of this service's database: the argument, else from the environment."""
+        return self._database_url or database_url(self.name)
+
+    @property
     def engine(self) -> AsyncEngine:
         """The service database's engine (after `start()`)."""
         if self._engine is None:
@@ -245,7 +250,7 @@ class Service:
     async def _open(self, *, ensure_topics: bool, consume: bool = True) -> KafkaTransport:
         kafka = self._kafka_settings()
         self._saga_index = SagaIndex.of(self.sagas)  # sagas are declared before start
-        self._engine = create_engine(self._database_url or database_url(self.name))
+        self._engine = create_engine(self.database_url)
         async with self._engine.begin() as conn:
             # Replicas starting together on a fresh PostgreSQL database would race to create
             # the same tables; a transaction-scoped advisory lock lets one go first.

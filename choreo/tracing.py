@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -45,11 +44,10 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from choreo import deadletters
-from choreo.database import create_engine, insert_ignoring_duplicates, masked_url, normalize_url
+from choreo.database import create_engine, insert_ignoring_duplicates, masked_url, normalize_url, require_existing
 from choreo.envelope import (
     CAUSATION_ID,
     EVENT_ID,
@@ -749,21 +747,14 @@ class TraceStore:
         if self._engine is not None:
             return
         if not create:
-            self._require_file()
+            require_existing(
+                self.url,
+                "trace database",
+                f"run `choreo collect <app>` to fill it, or pass --db / set {DATABASE_URL_ENV}",
+            )
         self._engine = create_engine(self.url)
         async with self._engine.begin() as conn:
             await conn.run_sync(trace_metadata.create_all)
-
-    def _require_file(self) -> None:
-        parsed = make_url(self.url)
-        if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-            return
-        path = Path(parsed.database)
-        if not path.exists():
-            raise ConfigurationError(
-                f"trace database {path} does not exist; run `choreo collect <app>` to fill it, "
-                f"or pass --db / set {DATABASE_URL_ENV}"
-            )
 
     async def close(self) -> None:
         """Close connections. Safe to call twice."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from pytest import MonkeyPatch
 from typer.testing import CliRunner
 
 from choreo.cli import app
 from choreo.tracing import MIN_PREFIX, SagaState
+from tests.dlq_app import ledger
 from tests.test_cli import Flows, db, flows  # noqa: F401 (the module-scoped fixture)
 
 runner = CliRunner()
@@ -33,10 +36,27 @@ def test_sagas_help_lists_every_state() -> None:
 
 
 def test_an_empty_list_of_all_dead_letters_reads_as_english(tmp_path: Path) -> None:
-    env = {"CHOREO_LEDGER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db", "COLUMNS": "200"}
-    result = runner.invoke(app, ["dlq", "list", "tests.dlq_app:ledger", "--status", "all"], env=env)
+    url = f"sqlite+aiosqlite:///{tmp_path}/ledger.db"
+    asyncio.run(_create_database(url))
+    result = runner.invoke(app, ["dlq", "list", "tests.dlq_app:ledger", "--status", "all", "--db", url])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "no dead letters in ledger"
+
+
+def test_dlq_commands_refuse_a_database_that_does_not_exist(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for command in (["list"], ["show", "1"], ["replay", "1"], ["discard", "1"]):
+        result = runner.invoke(app, ["dlq", command[0], "tests.dlq_app:ledger", *command[1:]], env={"CHOREO_DEBUG": ""})
+        assert result.exit_code == 1
+        assert "ledger's database ledger.db does not exist; pass --db or set CHOREO_LEDGER_DATABASE_URL" in (
+            result.stderr
+        )
+    assert list(tmp_path.iterdir()) == [], "nothing was created"
+
+
+async def _create_database(url: str) -> None:
+    async with ledger.clone(database_url=url).running(kafka=False):
+        pass
 
 
 def test_service_help_aligns_its_columns() -> None:
