@@ -1,5 +1,7 @@
 """choreo: choreography sagas for Python services, with a transactional outbox and inbox."""
 
+from importlib.metadata import version as _version
+
 from choreo.cleanup import Retention
 from choreo.consumer import RetryPolicy
 from choreo.envelope import Envelope
@@ -20,6 +22,9 @@ from choreo.settings import KafkaSettings
 from choreo.tables import metadata
 from choreo.tracing import TraceCollector, TraceStore
 from choreo.tx import Tx
+
+__version__ = _version("choreo")
+"""The installed distribution's version (pyproject.toml is the one place it is set)."""
 
 __all__ = [
     "ChoreoError",

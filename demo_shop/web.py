@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 
 from choreo import ConfigurationError, KafkaSettings, Service, SetupError
 from choreo.database import normalize_url
@@ -92,7 +93,7 @@ async def _readiness(service: Service) -> dict[str, Any]:
 
 def create_service_app(service: Service, routers: Sequence[APIRouter], *, title: str, description: str) -> FastAPI:
     """The HTTP app of one service running alone: its routers, /health, and its lifespan."""
-    app = FastAPI(title=title, description=description, lifespan=lifespan([service]))
+    app = FastAPIOffline(title=title, description=description, lifespan=lifespan([service]))
     for router in routers:
         app.include_router(router)
     app.include_router(health_router([service]))
