@@ -20,8 +20,8 @@ test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check choreo demo_shop tests bench
-	$(BIN)/ruff format --check choreo demo_shop tests bench
+	$(BIN)/ruff check choreo demo_shop tests bench examples
+	$(BIN)/ruff format --check choreo demo_shop tests bench examples
 	$(BIN)/mypy
 
 bench: $(STAMP)

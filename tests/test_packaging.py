@@ -10,6 +10,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import venv
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from typer.testing import CliRunner
 
 import choreo
 from choreo.cli import app as cli_app
-from demo_shop.__main__ import TRACE_DB, _prepare_data_dir, parse_args
+from demo_shop.__main__ import TRACE_DB, _command, _prepare_data_dir, parse_args
 from demo_shop.orders import api as orders_api
 from demo_shop.shop import SERVICES, Shop
 from demo_shop.walkthrough import FLOWS
@@ -101,6 +102,18 @@ def test_each_demo_run_starts_from_empty_databases_and_traces_unless_kept(tmp_pa
         _prepare_data_dir(tmp_path, keep=keep)
         left = {p.name for p in tmp_path.iterdir()}
         assert left == ({*databases, "notes.txt"} if keep else {"notes.txt"})
+
+
+def test_the_demo_prints_commands_that_run_as_printed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scripts = Path(sysconfig.get_path("scripts"))
+    others = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != scripts.resolve()]
+    monkeypatch.setenv("PATH", os.pathsep.join([str(scripts), *others]))
+    assert _command("choreo") == "choreo"  # on PATH: as a user would type it
+    monkeypatch.setenv("PATH", os.pathsep.join(others))
+    monkeypatch.chdir(scripts.parent.parent)  # e.g. the repository root, holding .venv
+    assert _command("choreo") == str((scripts / "choreo").relative_to(Path.cwd()))  # .venv/bin/choreo
+    monkeypatch.chdir(tmp_path)
+    assert _command("choreo") == str(scripts / "choreo")
 
 
 @pytest.mark.parametrize("build", [lambda: Shop.in_directory(Path("unused")).create_app(), orders_api.create_app])
