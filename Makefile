@@ -1,4 +1,5 @@
 # One entry point for every habit: the README, CI and hooks call these targets.
+# make demo ARGS="--port 8600" passes arguments to demo-shop; make test PYTEST_ARGS="-k x" to pytest.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,14 +14,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/demo-shop
+	$(BIN)/demo-shop $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check choreo demo_shop tests bench
-	$(BIN)/ruff format --check choreo demo_shop tests bench
+	$(BIN)/ruff check choreo demo_shop tests bench examples
+	$(BIN)/ruff format --check choreo demo_shop tests bench examples
 	$(BIN)/mypy
 
 bench: $(STAMP)

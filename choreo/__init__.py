@@ -1,5 +1,8 @@
 """choreo: choreography sagas for Python services, with a transactional outbox and inbox."""
 
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
+
 from choreo.cleanup import Retention
 from choreo.consumer import RetryPolicy
 from choreo.envelope import Envelope
@@ -20,6 +23,12 @@ from choreo.settings import KafkaSettings
 from choreo.tables import metadata
 from choreo.tracing import TraceCollector, TraceStore
 from choreo.tx import Tx
+
+try:
+    __version__ = _version("choreo")
+    """The installed distribution's version (pyproject.toml is the one place it is set)."""
+except _NotInstalled:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "ChoreoError",

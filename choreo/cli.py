@@ -32,7 +32,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
-from choreo import dlq
+from choreo import __version__, dlq
 from choreo.database import masked_url, require_existing
 from choreo.exceptions import ChoreoError, ConfigurationError
 from choreo.graph import Choreography, configured_apps, discover, load_service, target_label
@@ -65,6 +65,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"choreo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+) -> None:
+    """Choreography sagas: trace them, list them, draw and check the choreography, run services."""
 
 
 class TraceFormat(StrEnum):

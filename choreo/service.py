@@ -366,6 +366,16 @@ class Service:
         if (tx.pending or tx.wake_relay) and self._relay is not None:
             self._relay.wake()
 
+    def session(self) -> AsyncSession:
+        """A session on the service's database for reads, e.g. from HTTP endpoints (after `start()`).
+
+        async with orders.session() as session:
+            order = await session.get(Order, order_id)
+
+        Changes that go with events belong in `transaction()`: this session emits nothing.
+        """
+        return AsyncSession(self.engine, expire_on_commit=False)
+
 
 def _build_handler(
     service: str,

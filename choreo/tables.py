@@ -28,8 +28,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
-metadata = MetaData()
-"""The metadata holding choreo's tables (`choreo_outbox`, `choreo_inbox`, `choreo_dead_letter`)."""
+_mapped = MetaData()
+"""The tables as choreo reads and writes them (see `metadata` for the ones it creates)."""
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -56,7 +56,7 @@ class UtcDateTime(TypeDecorator[datetime]):
 _BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
-class _ChoreoTable(SQLModel, registry=registry(metadata=metadata)):
+class _ChoreoTable(SQLModel, registry=registry(metadata=_mapped)):
     pass
 
 
@@ -154,3 +154,22 @@ class DeadLetter(_ChoreoTable, table=True):
 outbox_table: Table = OutboxRow.__table__  # type: ignore[attr-defined]
 inbox_table: Table = InboxRow.__table__  # type: ignore[attr-defined]
 dead_letter_table: Table = DeadLetter.__table__  # type: ignore[attr-defined]
+
+
+def _with_plain_types(source: MetaData) -> MetaData:
+    """A copy of `source` whose columns have the SQL types underneath choreo's wrappers (UtcDateTime)."""
+    copy = MetaData()
+    for table in source.tables.values():
+        for column in table.to_metadata(copy).columns:
+            if isinstance(column.type, TypeDecorator):
+                column.type = column.type.impl_instance
+    return copy
+
+
+# Alembic's autogenerate writes a column type as "<module of its class>.<repr>" and imports
+# only SQLAlchemy's modules, so a migration naming choreo.tables.UtcDateTime fails with a
+# NameError. The wrappers only convert values in Python (the DDL is the same), so the tables
+# choreo creates, and an env.py's target_metadata, carry the plain types.
+metadata = _with_plain_types(_mapped)
+"""choreo's tables (`choreo_outbox`, `choreo_inbox`, `choreo_dead_letter`) as the database holds them:
+what each service creates on start, and what an Alembic env.py adds to `target_metadata`."""

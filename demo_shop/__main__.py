@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import sysconfig
 import time
 from collections.abc import Awaitable, Generator, Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ from rich.logging import RichHandler
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from choreo import KafkaSettings, Service, TraceCollector
+from choreo import KafkaSettings, Service, TraceCollector, __version__
 from choreo.cli import render_trace
 from choreo.devbroker import DevBrokerError, Tansu
 from choreo.tracing import SagaTrace
@@ -35,6 +37,9 @@ from demo_shop.shop import SERVICES, Shop
 from demo_shop.walkthrough import FLOWS, FlowResult, create_customers, hop_reader, run_flow
 
 T = TypeVar("T")
+
+TRACE_DB = "trace.db"
+"""The trace collector's database, beside the services' in the data directory."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -48,10 +53,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog=(
             "Kafka: an embedded in-memory broker (tansu) is started unless KAFKA_BOOTSTRAP_SERVERS "
             "is set (then CHOREO_KAFKA_* settings apply too; a CHOREO_KAFKA_TOPIC_PREFIX keeps runs "
-            "apart). Each service keeps its tables in <data-dir>/<service>.db. To run the services "
+            "apart). Each service keeps its tables in <data-dir>/<service>.db, the trace collector in "
+            f"<data-dir>/{TRACE_DB}. To run the services "
             "as separate processes, see `python -m demo_shop.orders --help` and compose.yaml."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"demo-shop (choreo {__version__})")
     parser.add_argument(
         "--once",
         action="store_true",
@@ -68,7 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-data",
         action="store_true",
-        help="keep the databases of an earlier run (default: start from empty databases)",
+        help="keep the databases and traces of an earlier run (default: start from empty ones)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds each flow may take (default: 30)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the services do")
@@ -130,6 +137,7 @@ class Demo:
                 return 2
             results = await self.until_stopped(self.walk_through(shop))
             self.summarize(results)
+            self.show_commands()
             failed = [r for r in results if not r.ok]
             if self.args.once:
                 return 1 if failed else 0
@@ -203,12 +211,12 @@ class Demo:
             tracing = progress.add_task("starting the trace collector", total=1)
             self.collector = TraceCollector(shop, self.trace_url, kafka=kafka or None)
             await self.collector.start()
-            progress.update(tracing, completed=1, description=f"trace collector indexing into {data_dir / 'trace.db'}")
+            progress.update(tracing, completed=1, description=f"trace collector indexing into {data_dir / TRACE_DB}")
         return shop
 
     @property
     def trace_url(self) -> str:
-        return f"sqlite+aiosqlite:///{self.args.data_dir / 'trace.db'}"
+        return f"sqlite:///{self.args.data_dir / TRACE_DB}"
 
     async def _start_kafka(self, progress: Progress) -> KafkaSettings | None:
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get("CHOREO_KAFKA_BOOTSTRAP_SERVERS")
@@ -308,6 +316,17 @@ class Demo:
         else:
             self.console.print(f"[green bold]all {len(results)} flows ended as expected[/]")
 
+    def show_commands(self) -> None:
+        """How to look at the sagas afterwards: the trace database outlives this run."""
+        choreo = _command("choreo")
+        self.console.print(
+            "\nThe sagas, from the trace database (also after this run, from this directory):\n"
+            f"  {choreo} sagas --db {self.trace_url}\n"
+            f"  {choreo} trace <saga id> --db {self.trace_url}\n"
+            f"  {choreo} graph demo_shop    {choreo} check demo_shop",
+            soft_wrap=True,  # keep each command on one line, whatever the width
+        )
+
     def invite(self) -> None:
         base = f"http://{_client_host(self.args.host)}:{self.args.port}"
         self.console.print(
@@ -317,11 +336,8 @@ class Demo:
             f"  curl -s -X POST {base}/orders -H 'content-type: application/json' "
             '-d \'{"customer_id": "<id>", "total": "42.00"}\'\n'
             f"  curl -s {base}/orders?state=APPROVED\n"
-            "and follow the sagas (in another terminal, while this runs):\n"
-            f"  choreo sagas --db {self.trace_url}\n"
-            f"  choreo trace <saga id> --db {self.trace_url}\n"
-            "  choreo graph demo_shop    choreo check demo_shop\n"
-            "Ctrl-C to stop."
+            "New sagas appear in the commands above while this runs. Ctrl-C to stop.",
+            soft_wrap=True,
         )
 
 
@@ -349,13 +365,25 @@ def _client_host(host: str) -> str:
 
 
 def _prepare_data_dir(data_dir: Path, *, keep: bool) -> None:
-    """Create the data directory; unless `keep`, delete the services' SQLite files (only those)."""
+    """Create the data directory; unless `keep`, delete the services' and the trace's SQLite files (only those)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     if keep:
         return
-    for name in SERVICES:
+    for database in [f"{name}.db" for name in SERVICES] + [TRACE_DB]:
         for suffix in ("", "-wal", "-shm", "-journal"):
-            (data_dir / f"{name}.db{suffix}").unlink(missing_ok=True)
+            (data_dir / f"{database}{suffix}").unlink(missing_ok=True)
+
+
+def _command(name: str) -> str:
+    """`name`, this installation's console script, as it can be typed here: bare if PATH finds it, else its path."""
+    script = Path(sysconfig.get_path("scripts")) / name
+    found = shutil.which(name)
+    if not script.exists() or (found is not None and Path(found).resolve() == script.resolve()):
+        return name
+    try:
+        return str(script.relative_to(Path.cwd()))  # e.g. .venv/bin/choreo from the repository root
+    except ValueError:
+        return str(script)
 
 
 if __name__ == "__main__":

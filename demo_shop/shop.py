@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from choreo import KafkaSettings, Service
 from demo_shop.customers import api as customers_api
@@ -61,7 +62,8 @@ class Shop:
 
     def create_app(self, *, on_started: OnStarted | None = None) -> FastAPI:
         """One HTTP app for the whole shop: orders and customers APIs, /health, all three services."""
-        app = FastAPI(
+        # The API docs' scripts and styles come from the fastapi-offline wheel, not a CDN.
+        app = FastAPIOffline(
             title="choreo demo shop",
             description=(
                 "Orders, customers and payments playing the order saga by events alone. "

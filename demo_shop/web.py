@@ -16,6 +16,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.responses import Response as StarletteResponse
 from starlette.routing import compile_path
@@ -156,7 +157,7 @@ async def _readiness(service: Service) -> dict[str, Any]:
 
 def create_service_app(service: Service, routers: Sequence[APIRouter], *, title: str, description: str) -> FastAPI:
     """The HTTP app of one service running alone: its routers, /health, and its lifespan."""
-    app = FastAPI(title=title, description=description, lifespan=lifespan([service]))
+    app = FastAPIOffline(title=title, description=description, lifespan=lifespan([service]))
     keep_http_promises(app)
     for router in routers:
         app.include_router(router)
