@@ -65,7 +65,9 @@ class RetryPolicy:
 
     def backoff(self, failures: int) -> float:
         """Exponential backoff with jitter for the n-th consecutive failure."""
-        ceiling = min(self.max_backoff, self.initial_backoff * 2 ** max(0, failures - 1))
+        # The exponent is capped: transient failures are retried without limit, and 2**n
+        # overflows a float after about a thousand of them.
+        ceiling = min(self.max_backoff, self.initial_backoff * 2.0 ** min(max(0, failures - 1), 64))
         return random.uniform(ceiling / 2, ceiling)
 
 
