@@ -7,7 +7,7 @@ that passes decoding but cannot be written used to be retried forever.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import pytest
@@ -149,10 +149,10 @@ async def test_a_letter_that_cannot_be_stored_whole_is_stored_bare_not_retried_f
 
 
 async def test_a_poison_record_on_kafka_is_parked_and_the_next_record_is_processed(
-    fresh_pg_database: Callable[[str], object], kafka_settings: KafkaSettings
+    fresh_pg_database: Callable[[str], Awaitable[str]], kafka_settings: KafkaSettings
 ) -> None:
     seen: list[str] = []
-    service = item_service(await fresh_pg_database("malformed"), seen, kafka_settings)  # type: ignore[misc]
+    service = item_service(await fresh_pg_database("malformed"), seen, kafka_settings)
     async with service.running():
         producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.bootstrap_servers)
         await producer.start()
