@@ -18,12 +18,13 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 
 from choreo import deadletters, otel
 from choreo.database import claim_inbox, is_transient
-from choreo.envelope import Envelope, decode_headers, utcnow
+from choreo.envelope import Envelope, check_key, decode_headers, utcnow
 from choreo.events import Event, EventRegistry
-from choreo.exceptions import RejectedRecord
+from choreo.exceptions import HandlerFailed, RejectedRecord
 from choreo.kafka import Record
 from choreo.tx import Tx
 
@@ -64,7 +65,9 @@ class RetryPolicy:
 
     def backoff(self, failures: int) -> float:
         """Exponential backoff with jitter for the n-th consecutive failure."""
-        ceiling = min(self.max_backoff, self.initial_backoff * 2 ** max(0, failures - 1))
+        # The exponent is capped: transient failures are retried without limit, and 2**n
+        # overflows a float after about a thousand of them.
+        ceiling = min(self.max_backoff, self.initial_backoff * 2.0 ** min(max(0, failures - 1), 64))
         return random.uniform(ceiling / 2, ceiling)
 
 
@@ -143,7 +146,12 @@ class Consumer:
                 for record in lane:
                     await self.process(record)
 
-        await asyncio.gather(*(run(lane) for lane in lanes.values()))
+        # A lane that raises (a bug, or a dead letter that cannot be stored) cancels the others,
+        # rolling back their open transactions, before the exception reaches the transport: the
+        # batch is rewound and delivered again only once none of its records is still running.
+        async with asyncio.TaskGroup() as group:
+            for lane in lanes.values():
+                group.create_task(run(lane))
 
     async def process(self, record: Record, only: str | None = None) -> list[Outcome]:
         """Process `record` (for handler `only`, if given); one outcome per handler run."""
@@ -154,6 +162,7 @@ class Consumer:
                     f"{len(record.value)} bytes exceeds the limit of {self.policy.max_record_bytes}",
                 )
             envelope = Envelope.from_headers(decode_headers(record.headers))
+            check_key(record.key)
         except RejectedRecord as rejected:
             return [await self._park(record, self.service, rejected.reason, str(rejected), None, 1, utcnow())]
         handlers = [h for h in self._by_name.get(envelope.event_type, ()) if only in (None, h.name)]
@@ -186,6 +195,10 @@ class Consumer:
                 1,
                 utcnow(),
             )
+        if not record.value:
+            return await self._park(
+                record, handler.name, "empty-value", "the record has no value (a tombstone?)", None, 1, utcnow()
+            )
         try:
             event = event_type.model_validate_json(record.value)
         except ValidationError as invalid:
@@ -200,15 +213,16 @@ class Consumer:
         while True:
             try:
                 processed = await self._run_once(handler, event, envelope)
-            except Exception as error:
+            except Exception as failure:
                 first_failed_at = first_failed_at or utcnow()
-                if is_transient(error):
+                if is_transient(failure):
                     # The infrastructure, not the handler, failed: wait it out, never park.
                     transient += 1
                     self.stats.transient_retries += 1
-                    log.warning("%s: transient failure (%s), retrying", handler.name, error)
+                    log.warning("%s: transient failure (%s), retrying", handler.name, failure)
                     await asyncio.sleep(self.policy.backoff(transient))
                     continue
+                error = failure.error if isinstance(failure, HandlerFailed) else failure
                 attempts += 1
                 if attempts >= limit:
                     log.error("%s failed %d times, dead-lettering: %r", handler.name, attempts, error)
@@ -232,17 +246,31 @@ class Consumer:
             return "duplicate"
 
     async def _run_once(self, handler: Handler, event: Event, envelope: Envelope) -> bool:
-        async with (
-            otel.handler_span(self.service, handler.name, envelope),
-            self._unit_of_work(
-                saga_id=envelope.saga_id, cause=envelope, handler=handler.name, allowed=handler.emits
-            ) as tx,
-        ):
-            # The inbox row is written first, on the handler's own session: the handler's
-            # effects and the "processed" mark commit or roll back together.
-            if not await claim_inbox(tx.session, handler.name, envelope.event_id, utcnow()):
-                return False
-            tx.emit_result(await handler.func(event, tx))
+        own: Exception | None = None
+        try:
+            async with (
+                otel.handler_span(self.service, handler.name, envelope),
+                self._unit_of_work(
+                    saga_id=envelope.saga_id, cause=envelope, handler=handler.name, allowed=handler.emits
+                ) as tx,
+            ):
+                # The inbox row is written first, on the handler's own session: the handler's
+                # effects and the "processed" mark commit or roll back together.
+                if not await claim_inbox(tx.session, handler.name, envelope.event_id, utcnow()):
+                    return False
+                try:
+                    tx.emit_result(await handler.func(event, tx))
+                except DBAPIError:
+                    raise  # from the handler's session, i.e. choreo's engine: classified by SQLSTATE
+                except Exception as error:
+                    own = error
+                    raise
+        except Exception as error:
+            # Marked only after the span and the rollback saw the original; a failure of the
+            # rollback itself is choreo's own and stays unmarked.
+            if error is own:
+                raise HandlerFailed(error) from error
+            raise
         return True
 
     async def _park(
@@ -255,7 +283,9 @@ class Consumer:
         attempts: int,
         first_failed_at: datetime,
     ) -> Outcome:
+        where = f"{record.topic}/{record.partition}/{record.offset}"
         failures = 0
+        minimal = False
         while True:
             try:
                 async with self._unit_of_work(saga_id="", cause=None, handler=None, allowed=None) as tx:
@@ -270,15 +300,25 @@ class Consumer:
                         attempts=attempts,
                         first_failed_at=first_failed_at,
                         now=utcnow(),
+                        minimal=minimal,
                     )
-                    tx.wake_relay = True  # the letter also went into the outbox, for its topic
+                    tx.wake_relay = not minimal  # the full letter also went into the outbox
             except Exception as failure:
-                failures += 1
-                log.warning("%s: cannot store dead letter yet (%s), retrying", consumer, failure)
-                await asyncio.sleep(self.policy.backoff(failures))
+                if is_transient(failure):
+                    failures += 1
+                    log.warning("%s: cannot store dead letter yet (%s), retrying", consumer, failure)
+                    await asyncio.sleep(self.policy.backoff(failures))
+                    continue
+                # The same insert would fail the same way forever. Store what surely fits (no
+                # headers, no topic copy) and say why; if even that fails, the database refuses
+                # every letter: raise, so the batch is delivered again rather than dropped.
+                if minimal:
+                    log.critical("%s: cannot store a dead letter for %s at all: %r", consumer, where, failure)
+                    raise
+                log.error("%s: cannot store the dead letter for %s (%r); storing it bare", consumer, where, failure)
+                error = f"{error}\n\nstored without its headers: {type(failure).__name__}: {str(failure)[:2000]}"
+                minimal = True
                 continue
             self.stats.dead_lettered += 1
-            log.warning(
-                "%s: dead-lettered %s/%d/%d (%s)", consumer, record.topic, record.partition, record.offset, reason
-            )
+            log.warning("%s: dead-lettered %s (%s)", consumer, where, reason)
             return "dead-lettered"

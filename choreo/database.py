@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
-from choreo.exceptions import ConfigurationError
+from choreo.exceptions import ConfigurationError, HandlerFailed
 from choreo.tables import inbox_table
 
 NOTIFY_CHANNEL = "choreo_outbox"
@@ -152,7 +152,15 @@ async def lock_schema(conn: AsyncConnection) -> None:
 
 
 def is_transient(error: BaseException) -> bool:
-    """True for failures of the infrastructure, not of the handler's logic: retry forever."""
+    """True for failures of the infrastructure, not of the handler's logic: retry forever.
+
+    Decided by origin first: anything out of handler code arrives as `HandlerFailed` and is
+    never transient, whatever it wraps. What is left came from choreo's own database or Kafka
+    operations (the handler's session included: its DBAPIErrors are not wrapped), and is
+    classified by SQLSTATE, by SQLAlchemy's invalidation flag, or by the driver's error type.
+    """
+    if isinstance(error, HandlerFailed):
+        return False
     if isinstance(error, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
         return True
     if isinstance(error, (exc.DisconnectionError, exc.TimeoutError)):

@@ -5,6 +5,7 @@ Header names are part of the wire contract; any Kafka tool can read them.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,14 @@ PRODUCER = "choreo-producer"
 HANDLER = "choreo-handler"
 OCCURRED_AT = "choreo-occurred-at"
 TRACEPARENT = "traceparent"
+
+# What reaches a column must fit it (choreo/tables.py): ids are String(64), event types and
+# keys String(255); PostgreSQL rejects NUL in text and enforces the lengths SQLite ignores.
+# choreo mints ids as uuid strings; others may supply their own, within this charset.
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+ID_LENGTH = 64
+NAME_LENGTH = 255
 
 
 def new_id() -> str:
@@ -77,6 +86,11 @@ class Envelope:
             raise RejectedRecord(
                 "bad-header", f"{EVENT_VERSION}={headers[EVENT_VERSION]!r} is not an integer"
             ) from None
+        _check_id(EVENT_ID, headers[EVENT_ID])
+        if headers.get(CAUSATION_ID):
+            _check_id(CAUSATION_ID, headers[CAUSATION_ID])
+        _check_text(SAGA_ID, headers[SAGA_ID], ID_LENGTH)
+        _check_text(EVENT_TYPE, headers[EVENT_TYPE], NAME_LENGTH)
         occurred = headers.get(OCCURRED_AT)
         try:
             occurred_at = datetime.fromisoformat(occurred) if occurred else utcnow()
@@ -93,6 +107,34 @@ class Envelope:
             occurred_at=occurred_at,
             traceparent=headers.get(TRACEPARENT),
         )
+
+
+def _check_id(name: str, value: str) -> None:
+    if not _ID.fullmatch(value):
+        raise RejectedRecord(
+            "bad-header", f"{name}={value[:80]!r} is not an id (1 to {ID_LENGTH} letters, digits, '.', '_', ':', '-')"
+        )
+
+
+def _check_text(name: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        raise RejectedRecord("bad-header", f"{name} is {len(value)} characters long, more than {limit}")
+    if _CONTROL.search(value):
+        raise RejectedRecord("bad-header", f"{name}={value[:80]!r} contains control characters")
+
+
+def check_key(key: bytes | None) -> None:
+    """Reject a record key choreo could not store again (as an outbox key, e.g. for a dead letter)."""
+    if key is None:
+        return
+    try:
+        text = key.decode()
+    except UnicodeDecodeError:
+        raise RejectedRecord("bad-key", f"key {key[:80]!r} is not UTF-8") from None
+    if len(text) > NAME_LENGTH:
+        raise RejectedRecord("bad-key", f"key is {len(text)} characters long, more than {NAME_LENGTH}")
+    if _CONTROL.search(text):
+        raise RejectedRecord("bad-key", f"key {text[:80]!r} contains control characters")
 
 
 def decode_headers(raw: Iterable[tuple[str, bytes | None]]) -> dict[str, str]:

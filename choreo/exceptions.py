@@ -6,6 +6,7 @@ ChoreoError
 ├── UndeclaredEmitError (also TypeError) a handler emitted an event it did not declare
 ├── UnitOfWorkError (also RuntimeError)  code inside a unit of work committed or rolled back its session
 ├── RejectedRecord                       a consumed record can never be processed (dead letter)
+├── HandlerFailed                        (internal) an exception out of handler code, whatever its type
 └── RelayError                           the relay cannot publish (retried, never raised to users)
 """
 
@@ -39,6 +40,15 @@ class RejectedRecord(ChoreoError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class HandlerFailed(ChoreoError):
+    """Internal: wraps an exception that escaped handler code, so its type cannot pass it off as an
+    infrastructure failure (a handler's own TimeoutError or OSError is retried, then dead-lettered)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
 
 
 class RelayError(ChoreoError):
