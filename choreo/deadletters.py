@@ -30,7 +30,7 @@ def clean(text: str, limit: int | None = None) -> str:
     return text if limit is None else text[:limit]
 
 
-def _fit(table: Table, column: str, text: str | None) -> str | None:
+def fit(table: Table, column: str, text: str | None) -> str | None:
     """`text` cleaned and cut to the length of `table.column` (none for TEXT)."""
     if text is None:
         return None
@@ -64,19 +64,19 @@ async def park(
     letters = dead_letter_table
     await session.execute(
         insert(letters).values(
-            consumer=_fit(letters, "consumer", consumer),
-            topic=_fit(letters, "topic", record.topic),
+            consumer=fit(letters, "consumer", consumer),
+            topic=fit(letters, "topic", record.topic),
             partition=record.partition,
             offset=record.offset,
             key=record.key,
             headers=headers,
             payload=record.value,
-            event_id=_fit(letters, "event_id", headers.get(EVENT_ID)),
-            event_type=_fit(letters, "event_type", headers.get(EVENT_TYPE)),
-            saga_id=_fit(letters, "saga_id", headers.get(SAGA_ID)),
-            reason=_fit(letters, "reason", reason),
+            event_id=fit(letters, "event_id", headers.get(EVENT_ID)),
+            event_type=fit(letters, "event_type", headers.get(EVENT_TYPE)),
+            saga_id=fit(letters, "saga_id", headers.get(SAGA_ID)),
+            reason=fit(letters, "reason", reason),
             error=clean(error, 10_000),
-            traceback=_fit(letters, "traceback", traceback),
+            traceback=fit(letters, "traceback", traceback),
             attempts=attempts,
             first_failed_at=first_failed_at,
             last_failed_at=now,
@@ -100,10 +100,10 @@ async def park(
             {
                 "event_id": new_id(),
                 "topic": topic_for(service),
-                "key": _fit(outbox_table, "key", key),
-                "event_type": _fit(outbox_table, "event_type", headers.get(EVENT_TYPE, "unknown")),
+                "key": fit(outbox_table, "key", key),
+                "event_type": fit(outbox_table, "event_type", headers.get(EVENT_TYPE, "unknown")),
                 "event_version": 0,
-                "saga_id": _fit(outbox_table, "saga_id", headers.get(SAGA_ID, "")),
+                "saga_id": fit(outbox_table, "saga_id", headers.get(SAGA_ID, "")),
                 "headers": letter_headers,
                 "payload": record.value,
                 "created_at": now,

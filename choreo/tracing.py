@@ -173,8 +173,12 @@ class TracedEvent:
         return self.handler or self.producer
 
     def to_row(self, recorded_at: datetime) -> dict[str, Any]:
-        """The row stored in `choreo_trace_event`."""
-        return {
+        """The row stored in `choreo_trace_event`, every text cleaned and cut to fit its column.
+
+        Headers come from any producer: a NUL or an over-long value must not make the insert
+        fail, which would stall the collector on that record forever.
+        """
+        row = {
             "kind": self.kind,
             "event_id": self.event_id,
             "consumer": self.consumer,
@@ -196,6 +200,7 @@ class TracedEvent:
             "traceparent": self.traceparent,
             "recorded_at": recorded_at,
         }
+        return {name: deadletters.fit(events_table, name, v) if isinstance(v, str) else v for name, v in row.items()}
 
     @classmethod
     def from_row(cls, row: Any) -> TracedEvent:
@@ -248,12 +253,12 @@ def index_record(record: Record, compensations: Mapping[str, tuple[str, ...]] | 
     letter = deadletters.REASON in headers
     return TracedEvent(
         kind=DEAD_LETTER if letter else EVENT,
-        event_id=event_id[:64],
-        saga_id=saga_id[:64],
-        event_type=event_type[:255],
+        event_id=event_id,
+        saga_id=saga_id,
+        event_type=event_type,
         event_version=version,
         causation_id=(headers.get(CAUSATION_ID) or None),
-        producer=headers.get(PRODUCER, "")[:63],
+        producer=headers.get(PRODUCER, ""),
         handler=headers.get(HANDLER) or None,
         occurred_at=occurred_at,
         topic=record.topic,
@@ -261,7 +266,7 @@ def index_record(record: Record, compensations: Mapping[str, tuple[str, ...]] | 
         offset=record.offset,
         published_at=published_at,
         compensates=(compensations or {}).get(event_type, ()),
-        consumer=headers.get(deadletters.CONSUMER, "unknown")[:255] if letter else "",
+        consumer=headers.get(deadletters.CONSUMER, "unknown") if letter else "",
         reason=headers.get(deadletters.REASON) if letter else None,
         error=headers.get(deadletters.ERROR) if letter else None,
         traceparent=(headers.get(TRACEPARENT) or None),
