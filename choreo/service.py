@@ -35,7 +35,7 @@ from choreo.exceptions import SetupError
 from choreo.kafka import KafkaTransport
 from choreo.relay import Relay
 from choreo.saga import Saga, SagaIndex
-from choreo.settings import KafkaSettings, database_url, retention_from_env
+from choreo.settings import KafkaSettings, database_url, relay_takeover_timeout, retention_from_env
 from choreo.tx import Tx
 
 log = logging.getLogger("choreo.service")
@@ -267,7 +267,8 @@ class Service:
         if start_transport:
             await self._transport.start()
         if self.run_relay if relay is None else relay:
-            self._relay = Relay(self._engine, self._transport, name=self.name)
+            takeover = relay_takeover_timeout(self.name)
+            self._relay = Relay(self._engine, self._transport, name=self.name, takeover_timeout=takeover)
             self._relay.start()
         retention = self._retention or retention_from_env(self.name)
         self._cleaner = asyncio.create_task(run_cleaner(self._engine, retention, self.name))

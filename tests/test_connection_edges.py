@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from sqlalchemy import text
 
-from choreo import KafkaSettings, Service
+from choreo import KafkaSettings, Relay, Service
+from choreo.database import create_engine
 from demo_shop.shop import SERVICES, Shop
 from tests.demo_support import api_client
+from tests.test_core_infra import Recording, eventually
+from tests.toy import Numbered, make_toy
 
 MakeDatabase = Callable[[str], Awaitable[str]]
 
@@ -35,6 +40,109 @@ async def terminate_backends(url: str) -> int:
         return len(pids or ())
     finally:
         await admin.close()
+
+
+class Proxy:
+    """A TCP proxy that can go silent without closing anything, like a blackholed network.
+
+    Silent, it keeps reading both sides (so neither peer's writes block) and forwards nothing;
+    connections accepted meanwhile get no answer either. Each peer's kernel still acknowledges
+    the other's packets, so TCP keepalives alone cannot tell.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.silent = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> Proxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self._writers.append(client_writer)
+        if self.silent:
+            await self._pipe(client_reader, None)
+            return
+        server_reader, server_writer = await asyncio.open_connection(*self.target)
+        self._writers.append(server_writer)
+        await asyncio.gather(self._pipe(client_reader, server_writer), self._pipe(server_reader, client_writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if writer is not None and not self.silent:
+                    writer.write(data)
+                    await writer.drain()
+            if writer is not None and not self.silent:
+                writer.close()
+
+
+def via(proxy: Proxy, url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# -- relay takeover when the leader goes silent -------------------------------------------------
+
+
+async def test_a_standby_relay_takes_over_within_the_bound_when_the_leader_is_blackholed(
+    fresh_pg_database: MakeDatabase, kafka_settings: KafkaSettings
+) -> None:
+    url = await fresh_pg_database("takeover")
+    toy = make_toy(url, url, kafka_settings)
+    published: list[tuple[str, str]] = []
+    takeover = 5.0
+
+    async def emit(count: int) -> set[str]:
+        ids = set()
+        for i in range(count):
+            async with toy.shop.transaction() as tx:
+                ids.add(tx.emit(Numbered(lane=f"lane-{i % 3}", seq=i)))
+        return ids
+
+    def publishing(relay: Relay) -> Relay:
+        relay.publisher = Recording(relay.publisher, published, relay.name)
+        return relay
+
+    target = urlsplit(url)
+    async with contextlib.AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(Proxy(target.hostname or "", target.port or 5432))
+        await stack.enter_async_context(toy.shop.running(relay=False))
+        engines = [create_engine(via(proxy, url)), create_engine(url)]
+        for engine in engines:
+            stack.push_async_callback(engine.dispose)
+        old, new = (
+            publishing(Relay(e, toy.shop.transport, name=n, standby_interval=0.2, takeover_timeout=takeover))
+            for e, n in zip(engines, ["old", "new"], strict=True)
+        )
+        for relay in (old, new):
+            stack.push_async_callback(relay.stop)
+        old.start()
+        await eventually(lambda: old.stats.is_leader)
+        new.start()
+        first = await emit(10)
+        await eventually(lambda: first <= {eid for _, eid in published})
+
+        proxy.silent = True  # the leader's host vanishes: no FIN, no RST, nothing
+        blackholed, seen = time.monotonic(), len(published)
+        second = await emit(10)
+        await eventually(lambda: second <= {eid for name, eid in published if name == "new"}, timeout=takeover)
+        assert time.monotonic() - blackholed <= takeover
+        assert new.stats.is_leader
+        # The old leader noticed, and it published nothing after it went silent.
+        await eventually(lambda: not old.stats.is_leader, timeout=takeover)
+        assert [eid for name, eid in published[seen:] if name == "old"] == []
 
 
 # -- the pool after pg_terminate_backend --------------------------------------------------------
