@@ -7,6 +7,7 @@ from choreo.events import Event, EventRegistry
 from choreo.exceptions import (
     ChoreoError,
     ConfigurationError,
+    DependencyUnavailable,
     RejectedRecord,
     RelayError,
     SetupError,
@@ -23,6 +24,7 @@ from choreo.tx import Tx
 __all__ = [
     "ChoreoError",
     "ConfigurationError",
+    "DependencyUnavailable",
     "Envelope",
     "Event",
     "EventRegistry",

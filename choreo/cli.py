@@ -548,7 +548,8 @@ HandlerOption = Annotated[
 
 async def _open(service: Service) -> None:
     # The database alone: a replay's events wait in the outbox for the running service's relay.
-    await service.start(kafka=False)
+    # A one-shot command fails at once rather than wait for a database that is down.
+    await service.start(kafka=False, start_timeout=0)
 
 
 async def _select(

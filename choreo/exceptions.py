@@ -5,6 +5,7 @@ ChoreoError
 │   └── ConfigurationError              settings or environment cannot be used
 ├── UndeclaredEmitError (also TypeError) a handler emitted an event it did not declare
 ├── RejectedRecord                       a consumed record can never be processed (dead letter)
+├── DependencyUnavailable                the database or Kafka did not answer within the start timeout
 └── RelayError                           the relay cannot publish (retried, never raised to users)
 """
 
@@ -34,6 +35,10 @@ class RejectedRecord(ChoreoError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class DependencyUnavailable(ChoreoError):
+    """The database or Kafka stayed unreachable for the whole start timeout (`CHOREO_START_TIMEOUT`)."""
 
 
 class RelayError(ChoreoError):

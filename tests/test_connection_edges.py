@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 from sqlalchemy import text
 
-from choreo import KafkaSettings, Relay, Service
+from choreo import DependencyUnavailable, KafkaSettings, Relay, Service
 from choreo.database import create_engine
+from choreo.health import readiness
 from demo_shop.shop import SERVICES, Shop
 from tests.demo_support import api_client
 from tests.test_core_infra import Recording, eventually
-from tests.toy import Numbered, make_toy
+from tests.toy import Numbered, add_stock, make_toy, order_status, place_order
 
 MakeDatabase = Callable[[str], Awaitable[str]]
 
@@ -50,15 +54,15 @@ class Proxy:
     the other's packets, so TCP keepalives alone cannot tell.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, listen_on: int = 0) -> None:
         self.target = (host, port)
         self.silent = False
-        self.port = 0
+        self.port = listen_on
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> Proxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -177,3 +181,75 @@ async def test_the_demo_shop_places_an_order_after_its_database_sessions_were_te
         # ASGITransport re-raises what the app does not handle, so a 500 fails here loudly.
         placed = await client.post("/orders", json={"customer_id": created.json()["id"], "total": "10.00"})
         assert placed.status_code == 201, placed.text
+
+
+# -- starting while a dependency is down --------------------------------------------------------
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (connections are refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_a_service_started_while_kafka_is_down_waits_for_it_then_works(
+    fresh_pg_database: MakeDatabase,
+    kafka_settings: KafkaSettings,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CHOREO_START_TIMEOUT", "60s")
+    kafka_host, kafka_port = kafka_settings.bootstrap_servers.split(",")[0].rsplit(":", 1)
+    port = closed_port()
+    late = KafkaSettings(**{**vars(kafka_settings), "bootstrap_servers": f"127.0.0.1:{port}"})
+    toy = make_toy(await fresh_pg_database("shop"), await fresh_pg_database("stock"), kafka_settings)
+    shop = toy.shop.clone(database_url=toy.shop._database_url, kafka=late)
+    caplog.set_level(logging.WARNING, "choreo.service")
+    async with toy.stock.running(), contextlib.AsyncExitStack() as stack:
+        starting = asyncio.create_task(shop.start())
+        stack.push_async_callback(shop.stop)
+        await eventually(lambda: "waiting for Kafka" in caplog.text, timeout=20)
+        assert not starting.done()
+        assert not (await readiness(shop))["ready"]
+        await stack.enter_async_context(Proxy(kafka_host, int(kafka_port), listen_on=port))  # Kafka is back
+        await asyncio.wait_for(starting, 30)
+        await add_stock(toy.stock, "apple", 1)
+        await place_order(shop, "o1", "apple", 1)
+        await eventually(lambda: _confirmed(shop, "o1"), timeout=30)
+        assert (await readiness(shop))["ready"]
+    waits = [r.getMessage() for r in caplog.records if "waiting for Kafka" in r.getMessage()]
+    assert all(f"at 127.0.0.1:{port} (KafkaConnectionError" in line and "\n" not in line for line in waits), waits
+
+
+async def _confirmed(service: Service, order: str) -> bool:
+    return await order_status(service, order) == "CONFIRMED"
+
+
+@pytest.mark.parametrize("down", ["database", "Kafka"])
+async def test_a_service_whose_dependency_stays_down_fails_after_its_start_timeout_in_one_line(
+    down: str,
+    fresh_pg_database: MakeDatabase,
+    kafka_settings: KafkaSettings,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CHOREO_SHOP_START_TIMEOUT", "2")
+    port = closed_port()
+    url = await fresh_pg_database("shop")
+    if down == "database":
+        url = url.replace(f"{urlsplit(url).hostname}:{urlsplit(url).port}", f"127.0.0.1:{port}")
+        kafka = kafka_settings
+    else:
+        kafka = KafkaSettings(**{**vars(kafka_settings), "bootstrap_servers": f"127.0.0.1:{port}"})
+    service = make_toy(url, url, kafka).shop
+    caplog.set_level(logging.WARNING, "choreo.service")
+    with pytest.raises(DependencyUnavailable) as raised:
+        await service.start()
+    message = str(raised.value)
+    assert message.startswith(f"shop: {'the database' if down == 'database' else 'Kafka'} at ")
+    assert f"127.0.0.1:{port}" in message and "\n" not in message
+    assert "postgres:postgres@" not in message and "***" in message if down == "database" else True
+    assert 1 <= sum("waiting for" in r.getMessage() for r in caplog.records) <= 3
+    with pytest.raises(DependencyUnavailable):  # 0: fail at once, as one-shot tools do
+        await service.start(start_timeout=0)
