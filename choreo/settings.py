@@ -169,7 +169,11 @@ def database_url(service: str, env: Mapping[str, str] | None = None) -> str:
 
 def relay_takeover_timeout(service: str, env: Mapping[str, str] | None = None) -> float:
     """Seconds within which a standby relay takes over from a silent leader (`CHOREO_RELAY_TAKEOVER_TIMEOUT`)."""
-    return _seconds("RELAY_TAKEOVER_TIMEOUT", service, env, default=30.0)
+    seconds = _seconds("RELAY_TAKEOVER_TIMEOUT", service, env, default=30.0)
+    if seconds < 5:
+        # Below a few seconds a leader paused by a busy host or a slow publish would lose its lock.
+        raise ConfigurationError(f"CHOREO_RELAY_TAKEOVER_TIMEOUT={seconds:g}s must be at least 5s")
+    return seconds
 
 
 def start_timeout(service: str, env: Mapping[str, str] | None = None) -> float:

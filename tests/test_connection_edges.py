@@ -16,7 +16,9 @@ from sqlalchemy import text
 
 from choreo import DependencyUnavailable, KafkaSettings, Relay, Service
 from choreo.database import create_engine
+from choreo.exceptions import ConfigurationError
 from choreo.health import readiness
+from choreo.settings import relay_takeover_timeout, start_timeout
 from demo_shop.shop import SERVICES, Shop
 from tests.demo_support import api_client
 from tests.test_core_infra import Recording, eventually
@@ -253,3 +255,14 @@ async def test_a_service_whose_dependency_stays_down_fails_after_its_start_timeo
     assert 1 <= sum("waiting for" in r.getMessage() for r in caplog.records) <= 3
     with pytest.raises(DependencyUnavailable):  # 0: fail at once, as one-shot tools do
         await service.start(start_timeout=0)
+
+
+def test_the_start_and_takeover_timeouts_come_from_the_environment() -> None:
+    assert start_timeout("shop", {}) == 60 and relay_takeover_timeout("shop", {}) == 30
+    env = {"CHOREO_START_TIMEOUT": "2m", "CHOREO_SHOP_START_TIMEOUT": "0", "CHOREO_RELAY_TAKEOVER_TIMEOUT": "12"}
+    assert (start_timeout("shop", env), start_timeout("stock", env)) == (0, 120)
+    assert relay_takeover_timeout("shop", env) == 12
+    with pytest.raises(ConfigurationError, match="CHOREO_RELAY_TAKEOVER_TIMEOUT=2s must be at least 5s"):
+        relay_takeover_timeout("shop", {"CHOREO_RELAY_TAKEOVER_TIMEOUT": "2s"})
+    with pytest.raises(ConfigurationError, match="CHOREO_START_TIMEOUT='soon' is not a duration"):
+        start_timeout("shop", {"CHOREO_START_TIMEOUT": "soon"})
