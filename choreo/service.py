@@ -295,8 +295,8 @@ class Service:
             except Exception as error:
                 if not is_transient(error):
                     raise
-                first_line = next(iter(str(error).strip().splitlines()), "")
-                reason = f"{type(error).__name__}: {first_line}"
+                kind, first_line = type(error).__name__, next(iter(str(error).strip().splitlines()), "")
+                reason = first_line if first_line.startswith(kind) else f"{kind}: {first_line}"
                 pause = min(5.0, 0.5 * 2**tries)
                 if time.monotonic() + pause > deadline:
                     raise DependencyUnavailable(

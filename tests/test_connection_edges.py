@@ -8,13 +8,16 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 from sqlalchemy import text
+from typer.testing import CliRunner
 
 from choreo import DependencyUnavailable, KafkaSettings, Relay, Service
+from choreo.cli import app
 from choreo.database import create_engine
 from choreo.exceptions import ConfigurationError
 from choreo.health import readiness
@@ -221,7 +224,8 @@ async def test_a_service_started_while_kafka_is_down_waits_for_it_then_works(
         await eventually(lambda: _confirmed(shop, "o1"), timeout=30)
         assert (await readiness(shop))["ready"]
     waits = [r.getMessage() for r in caplog.records if "waiting for Kafka" in r.getMessage()]
-    assert all(f"at 127.0.0.1:{port} (KafkaConnectionError" in line and "\n" not in line for line in waits), waits
+    assert waits and all(f"at 127.0.0.1:{port} (KafkaConnectionError: Unable" in line for line in waits), waits
+    assert not any("\n" in line for line in waits)
 
 
 async def _confirmed(service: Service, order: str) -> bool:
@@ -266,3 +270,31 @@ def test_the_start_and_takeover_timeouts_come_from_the_environment() -> None:
         relay_takeover_timeout("shop", {"CHOREO_RELAY_TAKEOVER_TIMEOUT": "2s"})
     with pytest.raises(ConfigurationError, match="CHOREO_START_TIMEOUT='soon' is not a duration"):
         start_timeout("shop", {"CHOREO_START_TIMEOUT": "soon"})
+
+
+def test_choreo_run_waits_then_fails_in_one_line_and_dlq_does_not_wait(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = CliRunner()
+    caplog.set_level(logging.WARNING, "choreo.service")
+    port = closed_port()
+    env = {
+        "CHOREO_LEDGER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
+        "CHOREO_START_TIMEOUT": "2s",
+        "CHOREO_DEBUG": "",
+    }
+    run = runner.invoke(app, ["run", "tests.dlq_app:ledger"], env=env)
+    assert run.exit_code == 1
+    assert run.stderr.startswith(f"error: ledger: Kafka at 127.0.0.1:{port} did not answer within the start timeout")
+    assert run.stderr.count("\n") == 1
+    assert any("waiting for Kafka" in r.getMessage() for r in caplog.records)
+
+    caplog.clear()
+    unreachable = f"postgresql://postgres:secret@127.0.0.1:{port}/ledger"
+    env = {**env, "CHOREO_LEDGER_DATABASE_URL": unreachable, "CHOREO_START_TIMEOUT": "60s"}
+    listed = runner.invoke(app, ["dlq", "list", "tests.dlq_app:ledger"], env=env)
+    assert listed.exit_code == 1
+    assert listed.stderr.startswith("error: ledger: the database at postgresql://postgres:***@127.0.0.1:")
+    assert "secret" not in listed.stderr and listed.stderr.count("\n") == 1
+    assert not any("waiting for" in r.getMessage() for r in caplog.records)  # a one-shot tool fails at once
