@@ -132,7 +132,7 @@ async def test_a_standby_relay_takes_over_within_the_bound_when_the_leader_is_bl
         for engine in engines:
             stack.push_async_callback(engine.dispose)
         old, new = (
-            publishing(Relay(e, toy.shop.transport, name=n, standby_interval=0.2, takeover_timeout=takeover))
+            publishing(Relay(e, toy.shop.transport, name=n, standby_interval=0.5, takeover_timeout=takeover))
             for e, n in zip(engines, ["old", "new"], strict=True)
         )
         for relay in (old, new):
