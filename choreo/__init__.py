@@ -10,6 +10,7 @@ from choreo.events import Event, EventRegistry
 from choreo.exceptions import (
     ChoreoError,
     ConfigurationError,
+    DependencyUnavailable,
     RejectedRecord,
     RelayError,
     SetupError,
@@ -33,6 +34,7 @@ except _NotInstalled:  # imported from a source tree that was never installed
 __all__ = [
     "ChoreoError",
     "ConfigurationError",
+    "DependencyUnavailable",
     "Envelope",
     "Event",
     "EventRegistry",

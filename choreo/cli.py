@@ -588,7 +588,8 @@ async def _open(service: Service) -> None:
     variable = f"CHOREO_{service.name.upper().replace('-', '_')}_DATABASE_URL"
     require_existing(service.database_url, f"{service.name}'s database", f"pass --db or set {variable}")
     # The database alone: a replay's events wait in the outbox for the running service's relay.
-    await service.start(kafka=False)
+    # A one-shot command fails at once rather than wait for a database that is down.
+    await service.start(kafka=False, start_timeout=0)
 
 
 async def _select(

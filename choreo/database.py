@@ -82,7 +82,9 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
     if make_url(url).get_backend_name() != "sqlite":
         options.setdefault("pool_size", 10)
         options.setdefault("max_overflow", 10)
-        return create_async_engine(url, **options)
+        engine = create_async_engine(url, **options)
+        event.listen(engine.sync_engine, "checkout", _discard_closed)
+        return engine
     engine = create_async_engine(url, **options)
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -103,6 +105,17 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _discard_closed(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    # A server that ends a session (pg_terminate_backend, a restart, idle_session_timeout) sends
+    # a FATAL message and closes the socket; asyncpg reads it while the connection idles in the
+    # pool and marks itself closed. Handing it out would fail the caller's first statement (an
+    # HTTP request would answer 500), so make the pool discard it and connect afresh. This costs
+    # no round trip, unlike pool_pre_ping; a socket that died silently is caught by the next
+    # statement's error instead.
+    if record.driver_connection.is_closed():
+        raise exc.DisconnectionError("the server closed this pooled connection")
 
 
 def dialect_of(bind: AsyncEngine | AsyncConnection | AsyncSession) -> str:

@@ -7,6 +7,7 @@ ChoreoError
 ├── UnitOfWorkError (also RuntimeError)  code inside a unit of work committed or rolled back its session
 ├── RejectedRecord                       a consumed record can never be processed (dead letter)
 ├── HandlerFailed                        (internal) an exception out of handler code, whatever its type
+├── DependencyUnavailable                the database or Kafka did not answer within the start timeout
 └── RelayError                           the relay cannot publish (retried, never raised to users)
 """
 
@@ -49,6 +50,10 @@ class HandlerFailed(ChoreoError):
     def __init__(self, error: Exception) -> None:
         super().__init__(f"{type(error).__name__}: {error}")
         self.error = error
+
+
+class DependencyUnavailable(ChoreoError):
+    """The database or Kafka stayed unreachable for the whole start timeout (`CHOREO_START_TIMEOUT`)."""
 
 
 class RelayError(ChoreoError):

@@ -5,6 +5,10 @@ Only one relay per database publishes at a time: on PostgreSQL the leader holds 
 session-level advisory lock on the very connection it reads and marks rows with, so if that
 connection dies the lock is released and the leader's own work fails with it; standbys retry
 the lock every `standby_interval`. SQLite serves one process, whose single relay is leader.
+
+A leader that vanishes without closing its connection (host lost, network blackholed) is
+replaced within `takeover_timeout` (30 s by default, `CHOREO_RELAY_TAKEOVER_TIMEOUT`): see
+`_guard` for how, and for why the old leader cannot publish out of order meanwhile.
 """
 
 from __future__ import annotations
@@ -63,18 +67,30 @@ class Relay:
         standby_interval: float = 1.0,
         max_backoff: float = 5.0,
         linger: float = 0.001,
+        takeover_timeout: float = 30.0,
     ) -> None:
+        # The server ends a silent leader's session after `lease` (see `_guard`); the standby
+        # then needs at most one `standby_interval` (and its statement) to take the lock.
+        lease = takeover_timeout - 2 * standby_interval
+        if lease < 1:
+            raise ValueError(
+                f"relay {name}: takeover_timeout={takeover_timeout}s leaves no time beyond two "
+                f"standby intervals ({standby_interval}s); make it at least {2 * standby_interval + 1}s"
+            )
         self.engine = engine
         self.publisher = publisher
         self.name = name
         self.batch_size = batch_size
-        self.poll_interval = poll_interval
+        # A healthy leader must speak more often than the lease, or the server ends its session.
+        self.poll_interval = min(poll_interval, lease / 2)
         self.standby_interval = standby_interval
         self.max_backoff = max_backoff
         self.linger = linger
         """Seconds to wait after a wake-up before reading while traffic is heavy (the last batch
         had several rows), so commits arriving together share a batch. A lone commit is
         published at once."""
+        self.lease = lease
+        """Seconds of silence after which PostgreSQL ends the leader's session, releasing its lock."""
         self.stats = RelayStats()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -102,16 +118,17 @@ class Relay:
         while True:
             try:
                 async with self.engine.connect() as conn:
-                    if is_postgres(conn):
-                        # No BEGIN/COMMIT round trips around the relay's two statements per
-                        # batch; the session-level leader lock does not need a transaction.
-                        await conn.execution_options(isolation_level="AUTOCOMMIT")
-                    if not await self._acquire_leadership(conn):
-                        await asyncio.sleep(self.standby_interval)
-                        continue
-                    self.stats.is_leader = True
-                    log.info("relay %s is the leader", self.name)
                     try:
+                        if is_postgres(conn):
+                            # No BEGIN/COMMIT round trips around the relay's two statements per
+                            # batch; the session-level leader lock does not need a transaction.
+                            await conn.execution_options(isolation_level="AUTOCOMMIT")
+                            await self._guard(conn)
+                        # Standbys keep their guarded connection: it must not go back to the pool.
+                        while not await self._acquire_leadership(conn):
+                            await asyncio.sleep(self.standby_interval)
+                        self.stats.is_leader = True
+                        log.info("relay %s is the leader", self.name)
                         if is_postgres(conn):
                             # Marking rows published need not wait for the WAL flush: a mark lost
                             # in a database crash only means the rows are published again, which
@@ -135,6 +152,49 @@ class Relay:
                 await asyncio.sleep(self._backoff(failures))
             else:
                 failures = 0
+
+    async def _guard(self, conn: AsyncConnection) -> None:
+        """Bound how long a silent leader keeps the lock, and how long any statement can hang.
+
+        A leader whose host or network vanishes without a TCP close keeps its server session,
+        hence the lock, until the server notices: with default keepalives, hours. So before it
+        takes the lock, the relay's session is set to end itself after `lease` seconds of
+        silence: `idle_session_timeout` (PostgreSQL 14+) ends a session that sends nothing, a
+        leader sends a statement at least every `poll_interval`; `tcp_user_timeout` ends it when
+        the server's own writes (a result, a NOTIFY) go unacknowledged that long; keepalives do
+        the same for an idle socket on older servers. The standby then takes the lock within
+        `standby_interval`, so takeover happens within lease + 2 * standby_interval =
+        `takeover_timeout`. `idle_in_transaction_session_timeout` is not needed: the relay works
+        in autocommit. A publish that outlasts the lease (Kafka slow or down) costs the leader
+        its session too; it reconnects, and rows it could not mark are published again.
+
+        Why the old leader cannot break per-key order even though it may still be publishing
+        the batch it read when its session was cut: it reads rows only with a statement on the
+        session that holds the lock, so once the lock is gone it reads nothing more, and marks
+        nothing more. Its last batch was read while it held the lock, so it holds rows no later
+        than the ones the new leader reads (which are still unmarked); each relay hands a key's
+        rows to Kafka in id order, and two in-order copies of the same sequence, interleaved,
+        still show each row first in order; consumers' inboxes drop the second copies. Timing
+        is for liveness only. A client-side `command_timeout` (the lease) makes a blackholed
+        statement fail instead of hanging forever, so the old leader steps down and, once the
+        network is back, becomes a standby.
+        """
+        raw: Any = (await conn.get_raw_connection()).driver_connection
+        # asyncpg applies the connection's command_timeout to every statement without its own;
+        # this connection is never pooled (it is invalidated on exit), so no one else gets it.
+        raw._config = raw._config._replace(command_timeout=self.lease)
+        lease_ms = int(self.lease * 1000)
+        settings = {
+            "tcp_keepalives_idle": str(max(1, int(self.lease / 3))),
+            "tcp_keepalives_interval": str(max(1, int(self.lease / 9))),
+            "tcp_keepalives_count": "3",
+            "tcp_user_timeout": str(lease_ms),
+        }
+        if raw.get_server_version().major >= 14:
+            settings["idle_session_timeout"] = str(lease_ms)
+        # One round trip for all, before the lock is taken: the lock is never held unguarded.
+        calls = ", ".join(f"set_config('{name}', :{name}, false)" for name in settings)
+        await conn.execute(text(f"SELECT {calls}"), settings)
 
     async def _acquire_leadership(self, conn: AsyncConnection) -> bool:
         if not is_postgres(conn):

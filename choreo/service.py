@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import logging
 import re
+import time
 import types
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -28,14 +30,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from choreo import deadletters, outbox, tables
 from choreo.cleanup import Retention, run_cleaner
 from choreo.consumer import Consumer, Handler, RetryPolicy
-from choreo.database import create_engine, lock_schema
+from choreo.database import create_engine, is_transient, lock_schema, masked_url
 from choreo.envelope import Envelope, new_id, utcnow
 from choreo.events import Event, EventRegistry, describe, is_event_type
-from choreo.exceptions import SetupError
+from choreo.exceptions import DependencyUnavailable, SetupError
 from choreo.kafka import KafkaTransport
 from choreo.relay import Relay
 from choreo.saga import Saga, SagaIndex
-from choreo.settings import KafkaSettings, database_url, retention_from_env
+from choreo.settings import KafkaSettings, database_url, relay_takeover_timeout, retention_from_env
+from choreo.settings import start_timeout as start_timeout_setting
 from choreo.tx import Tx, UnitOfWorkSession
 
 log = logging.getLogger("choreo.service")
@@ -86,6 +89,8 @@ class Service:
         self._consumer: Consumer | None = None
         self._started = False
         self._saga_index = SagaIndex()
+        self._takeover_timeout = 0.0
+        self._retention_in_use = Retention()
 
     def __repr__(self) -> str:
         return f"Service({self.name!r})"
@@ -231,35 +236,47 @@ class Service:
         """The record dispatcher, when running."""
         return self._consumer
 
-    async def start(self, *, consume: bool = True, relay: bool | None = None, kafka: bool = True) -> None:
+    async def start(
+        self, *, consume: bool = True, relay: bool | None = None, kafka: bool = True, start_timeout: float | None = None
+    ) -> None:
         """Open the database (creating tables), then start consuming and relaying.
 
         `consume=False` runs only the relay (`choreo relay`); `relay=False` only the consumer.
         `kafka=False` opens the database alone, for tools and scripts: events they emit wait
-        in the outbox until a running instance of the service relays them.
+        in the outbox until a running instance of the service relays them. While the database
+        or Kafka does not answer, start waits and retries, up to `start_timeout` seconds
+        (default `CHOREO_START_TIMEOUT`, 60 s; 0 fails at once), then raises DependencyUnavailable.
         """
         if self._started:
             return
-        if not kafka:
-            await self._open(ensure_topics=False, consume=False)
-            self._started = True
-            return
-        await self._open(ensure_topics=True, consume=consume)
-        await self._launch(start_transport=True, relay=relay)
+        wait = start_timeout_setting(self.name) if start_timeout is None else start_timeout
+        try:
+            if not kafka:
+                await self._open(ensure_topics=False, consume=False, wait=wait)
+                self._started = True
+                return
+            await self._open(ensure_topics=True, consume=consume, wait=wait)
+            await self._launch(start_transport=True, relay=relay)
+        except BaseException:
+            await self.stop()  # close what was opened: the caller has no service to stop
+            raise
 
-    async def _open(self, *, ensure_topics: bool, consume: bool = True) -> KafkaTransport:
+    async def _open(self, *, ensure_topics: bool, consume: bool = True, wait: float = 0.0) -> KafkaTransport:
+        # Every setting is read before anything connects: a typo is reported at once, not
+        # after the wait for an unreachable broker.
         kafka = self._kafka_settings()
+        self._takeover_timeout = relay_takeover_timeout(self.name)
+        self._retention_in_use = self._retention or retention_from_env(self.name)
         self._saga_index = SagaIndex.of(self.sagas)  # sagas are declared before start
         self._engine = create_engine(self.database_url)
-        async with self._engine.begin() as conn:
-            # Replicas starting together on a fresh PostgreSQL database would race to create
-            # the same tables; a transaction-scoped advisory lock lets one go first.
-            await lock_schema(conn)
-            for metadata in (tables.metadata, *self.metadata):
-                await conn.run_sync(metadata.create_all)
-        self._transport = KafkaTransport(kafka, client_id=self.name)
+        deadline = time.monotonic() + wait
+        await self._wait_for("the database", masked_url(self.database_url), self._create_tables, deadline)
+        transport = self._transport = KafkaTransport(kafka, client_id=self.name)
         if ensure_topics:
-            await self._transport.ensure_topics([*self.subscribed_topics, *self.emitted_topics])
+            # Creating the topics is the first thing that needs Kafka: once it succeeds, the
+            # producer and consumers that start next find the broker too.
+            topics = [*self.subscribed_topics, *self.emitted_topics]
+            await self._wait_for("Kafka", kafka.bootstrap_servers, lambda: transport.ensure_topics(topics), deadline)
         self._consumer = Consumer(
             service=self.name,
             handlers=self.handlers,
@@ -273,15 +290,45 @@ class Service:
             self._transport.subscribe_batches(self.subscribed_topics, self.group_id, self._consumer.on_batch)
         return self._transport
 
+    async def _create_tables(self) -> None:
+        async with self.engine.begin() as conn:
+            # Replicas starting together on a fresh PostgreSQL database would race to create
+            # the same tables; a transaction-scoped advisory lock lets one go first.
+            await lock_schema(conn)
+            for metadata in (tables.metadata, *self.metadata):
+                await conn.run_sync(metadata.create_all)
+
+    async def _wait_for(
+        self, dependency: str, where: str, attempt: Callable[[], Awaitable[None]], deadline: float
+    ) -> None:
+        # A service started before its database or broker (a reboot, a compose file) waits for
+        # them instead of exiting; only a failure of the infrastructure is worth waiting for.
+        for tries in itertools.count():
+            try:
+                return await attempt()
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                kind, first_line = type(error).__name__, next(iter(str(error).strip().splitlines()), "")
+                reason = first_line if first_line.startswith(kind) else f"{kind}: {first_line}"
+                pause = min(5.0, 0.5 * 2**tries)
+                if time.monotonic() + pause > deadline:
+                    raise DependencyUnavailable(
+                        f"{self.name}: {dependency} at {where} did not answer within the start timeout "
+                        f"(CHOREO_START_TIMEOUT): {reason}"
+                    ) from error
+                message = "%s: waiting for %s at %s (%s); retry in %.1fs"
+                log.warning(message, self.name, dependency, where, reason, pause)
+                await asyncio.sleep(pause)
+
     async def _launch(self, *, start_transport: bool, relay: bool | None) -> None:
         assert self._transport is not None and self._engine is not None
         if start_transport:
             await self._transport.start()
         if self.run_relay if relay is None else relay:
-            self._relay = Relay(self._engine, self._transport, name=self.name)
+            self._relay = Relay(self._engine, self._transport, name=self.name, takeover_timeout=self._takeover_timeout)
             self._relay.start()
-        retention = self._retention or retention_from_env(self.name)
-        self._cleaner = asyncio.create_task(run_cleaner(self._engine, retention, self.name))
+        self._cleaner = asyncio.create_task(run_cleaner(self._engine, self._retention_in_use, self.name))
         self._started = True
         log.info("%s started: consuming %s", self.name, ", ".join(self.subscribed_topics) or "nothing")
 

@@ -201,3 +201,25 @@ def database_url(service: str, env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     found = lookup("DATABASE_URL", service, env, fallback="DATABASE_URL")
     return found[1] if found else f"sqlite+aiosqlite:///{service}.db"
+
+
+def relay_takeover_timeout(service: str, env: Mapping[str, str] | None = None) -> float:
+    """Seconds within which a standby relay takes over from a silent leader (`CHOREO_RELAY_TAKEOVER_TIMEOUT`)."""
+    seconds = _seconds("RELAY_TAKEOVER_TIMEOUT", service, env, default=30.0)
+    if seconds < 5:
+        # Below a few seconds a leader paused by a busy host or a slow publish would lose its lock.
+        raise ConfigurationError(f"CHOREO_RELAY_TAKEOVER_TIMEOUT={seconds:g}s must be at least 5s")
+    return seconds
+
+
+def start_timeout(service: str, env: Mapping[str, str] | None = None) -> float:
+    """Seconds `start()` waits for the database and Kafka to answer (`CHOREO_START_TIMEOUT`, 0: not at all)."""
+    return _seconds("START_TIMEOUT", service, env, default=60.0)
+
+
+def _seconds(name: str, service: str, env: Mapping[str, str] | None, *, default: float) -> float:
+    found = lookup(name, service, os.environ if env is None else env)
+    if found is None:
+        return default
+    variable, raw = found
+    return (parse_duration(raw, variable) if not raw.strip().isdigit() else timedelta(seconds=int(raw))).total_seconds()
