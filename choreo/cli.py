@@ -10,7 +10,9 @@
     choreo run demo_shop.orders.handlers:service
     choreo relay demo_shop.orders.handlers:service
 
-Errors are one line on stderr and a non-zero exit; `CHOREO_DEBUG=1` shows the traceback.
+Errors are one line on stderr and a documented exit status (1: the command failed, 2: bad input
+or setting, 69: the database or Kafka cannot be reached or used); `CHOREO_DEBUG=1` or
+`LOG_LEVEL=debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from choreo import __version__, dlq
 from choreo.database import masked_url, require_existing
-from choreo.exceptions import ChoreoError, ConfigurationError
+from choreo.exceptions import ChoreoError, ConfigurationError, DependencyUnavailable
 from choreo.graph import Choreography, configured_apps, discover, load_service, target_label
 from choreo.service import Service
 from choreo.settings import LOG_FORMAT, KafkaSettings, log_level_from_env, parse_duration
@@ -134,13 +136,35 @@ ServiceArgument = Annotated[
 ]
 
 
-def _fail(message: str) -> typer.Exit:
+EXIT_FAILED = 1
+"""The command ran and failed: `check` found problems, a replayed letter failed again."""
+EXIT_USAGE = 2
+"""Bad input: an argument, a name that matches nothing, or a setting (as click's usage errors)."""
+EXIT_UNAVAILABLE = 69
+"""The database or Kafka could not be reached or used (sysexits' EX_UNAVAILABLE)."""
+
+
+def exit_status(error: BaseException) -> int:
+    """The documented exit status for a command that failed with `error`."""
+    if isinstance(error, ConfigurationError):
+        return EXIT_USAGE
+    if isinstance(error, DependencyUnavailable):
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED
+
+
+def show_tracebacks() -> bool:
+    """True when errors should show their traceback (`CHOREO_DEBUG=1` or `LOG_LEVEL=debug`)."""
+    return bool(os.environ.get("CHOREO_DEBUG")) or os.environ.get("LOG_LEVEL", "").strip().lower() == "debug"
+
+
+def _fail(message: str, status: int = EXIT_FAILED) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
+    return typer.Exit(status)
 
 
 def handled(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn every failure of a command into one line on stderr and exit status 1."""
+    """Turn every failure of a command into one line on stderr and its exit status (see `exit_status`)."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -149,7 +173,7 @@ def handled(func: Callable[P, R]) -> Callable[P, R]:
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:
-            if os.environ.get("CHOREO_DEBUG"):
+            if show_tracebacks():
                 raise
             if isinstance(error, ChoreoError):
                 message = str(error)
@@ -158,7 +182,7 @@ def handled(func: Callable[P, R]) -> Callable[P, R]:
                 message = f"database: {original if original is not None else error}"
             else:
                 message = f"{type(error).__name__}: {error}"
-            raise _fail(_first_line(message)) from None
+            raise _fail(_first_line(message), exit_status(error)) from None
 
     return wrapper
 
@@ -471,10 +495,12 @@ async def serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitab
     for sig in signals:
         loop.add_signal_handler(sig, stopping.set)
     try:
-        await start()
-        await stopping.wait()
+        await start()  # a start that fails closes what it opened; there is nothing to stop
+        try:
+            await stopping.wait()
+        finally:
+            await stop()
     finally:
-        await stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
 

@@ -19,7 +19,7 @@ import re
 import time
 import types
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -270,13 +270,27 @@ class Service:
         self._saga_index = SagaIndex.of(self.sagas)  # sagas are declared before start
         self._engine = create_engine(self.database_url)
         deadline = time.monotonic() + wait
-        await self._wait_for("the database", masked_url(self.database_url), self._create_tables, deadline)
+        where, setting = masked_url(self.database_url), self._setting("DATABASE_URL")
+        await wait_for_dependency(self.name, "the database", where, setting, self._create_tables, deadline)
         transport = self._transport = KafkaTransport(kafka, client_id=self.name)
         if ensure_topics:
             # Creating the topics is the first thing that needs Kafka: once it succeeds, the
             # producer and consumers that start next find the broker too.
             topics = [*self.subscribed_topics, *self.emitted_topics]
-            await self._wait_for("Kafka", kafka.bootstrap_servers, lambda: transport.ensure_topics(topics), deadline)
+            setting = self._setting("KAFKA_BOOTSTRAP_SERVERS")
+
+            async def create_topics() -> None:
+                await transport.ensure_topics(topics)
+
+            with quiet("aiokafka"):  # an ERROR per refused connection: we log one line per attempt
+                await wait_for_dependency(
+                    self.name,
+                    "Kafka",
+                    kafka.bootstrap_servers,
+                    setting,
+                    lambda: transport.ensure_topics(topics),
+                    deadline,
+                )
         self._consumer = Consumer(
             service=self.name,
             handlers=self.handlers,
@@ -290,6 +304,9 @@ class Service:
             self._transport.subscribe_batches(self.subscribed_topics, self.group_id, self._consumer.on_batch)
         return self._transport
 
+    def _setting(self, name: str) -> str:
+        return f"CHOREO_{self.name.upper().replace('-', '_')}_{name} (or CHOREO_{name})"
+
     async def _create_tables(self) -> None:
         async with self.engine.begin() as conn:
             # Replicas starting together on a fresh PostgreSQL database would race to create
@@ -297,29 +314,6 @@ class Service:
             await lock_schema(conn)
             for metadata in (tables.metadata, *self.metadata):
                 await conn.run_sync(metadata.create_all)
-
-    async def _wait_for(
-        self, dependency: str, where: str, attempt: Callable[[], Awaitable[None]], deadline: float
-    ) -> None:
-        # A service started before its database or broker (a reboot, a compose file) waits for
-        # them instead of exiting; only a failure of the infrastructure is worth waiting for.
-        for tries in itertools.count():
-            try:
-                return await attempt()
-            except Exception as error:
-                if not is_transient(error):
-                    raise
-                kind, first_line = type(error).__name__, next(iter(str(error).strip().splitlines()), "")
-                reason = first_line if first_line.startswith(kind) else f"{kind}: {first_line}"
-                pause = min(5.0, 0.5 * 2**tries)
-                if time.monotonic() + pause > deadline:
-                    raise DependencyUnavailable(
-                        f"{self.name}: {dependency} at {where} did not answer within the start timeout "
-                        f"(CHOREO_START_TIMEOUT): {reason}"
-                    ) from error
-                message = "%s: waiting for %s at %s (%s); retry in %.1fs"
-                log.warning(message, self.name, dependency, where, reason, pause)
-                await asyncio.sleep(pause)
 
     async def _launch(self, *, start_transport: bool, relay: bool | None) -> None:
         assert self._transport is not None and self._engine is not None
@@ -422,6 +416,47 @@ class Service:
         Changes that go with events belong in `transaction()`: this session emits nothing.
         """
         return AsyncSession(self.engine, expire_on_commit=False)
+
+
+async def wait_for_dependency(
+    owner: str, dependency: str, where: str, setting: str, attempt: Callable[[], Awaitable[None]], deadline: float
+) -> None:
+    """Run `attempt` until it succeeds, retrying infrastructure failures until `deadline`.
+
+    Raises DependencyUnavailable, in one line naming `dependency`, `where` (no password) and
+    the `setting` to check, when time is up or the failure is not one waiting can mend.
+    """
+    # A service started before its database or broker (a reboot, a compose file) waits for
+    # them instead of exiting; only a failure of the infrastructure is worth waiting for.
+    for tries in itertools.count():
+        try:
+            return await attempt()
+        except Exception as error:
+            kind, first_line = type(error).__name__, next(iter(str(error).strip().splitlines()), "")
+            reason = first_line if first_line.startswith(kind) else f"{kind}: {first_line}"
+            if not is_transient(error):  # e.g. a wrong password: waiting will not help
+                raise DependencyUnavailable(
+                    f"{owner}: cannot use {dependency} at {where}: {reason}; check {setting}"
+                ) from error
+            pause = min(5.0, 0.5 * 2**tries)
+            if time.monotonic() + pause > deadline:
+                raise DependencyUnavailable(
+                    f"{owner}: {dependency} at {where} did not answer within the start timeout "
+                    f"(CHOREO_START_TIMEOUT): {reason}; check {setting}"
+                ) from error
+            log.warning("%s: waiting for %s at %s (%s); retry in %.1fs", owner, dependency, where, reason, pause)
+            await asyncio.sleep(pause)
+
+
+@contextlib.contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    """Drop `logger`'s records for the duration (a filter of its own: safe when nested)."""
+    drop_all = logging.Filter("\x00")  # matches no logger name: filters every record out
+    logging.getLogger(logger).addFilter(drop_all)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(drop_all)
 
 
 def _build_handler(

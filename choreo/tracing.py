@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -64,8 +65,8 @@ from choreo.envelope import (
 from choreo.exceptions import ConfigurationError, RejectedRecord
 from choreo.kafka import KafkaTransport, Record
 from choreo.saga import Saga
-from choreo.service import Service
-from choreo.settings import KafkaSettings
+from choreo.service import Service, quiet, wait_for_dependency
+from choreo.settings import KafkaSettings, start_timeout
 from choreo.tables import UtcDateTime
 
 log = logging.getLogger("choreo.tracing")
@@ -995,20 +996,36 @@ class TraceCollector:
         """Open the database and subscribe, without connecting yet (`start()` does both)."""
         if self._transport is not None:
             return self._transport
-        await self.store.open()
+        kafka = self.kafka_settings()
+        deadline = time.monotonic() + start_timeout("trace")
+        where = masked_url(self.store.url)
+        await wait_for_dependency("trace collector", "the trace database", where, "--db", self.store.open, deadline)
         await self.store.save_declarations(declarations_of(self.services))
-        self._transport = KafkaTransport(self.kafka_settings(), client_id=self.group_id)
+        transport = self._transport = KafkaTransport(kafka, client_id=self.group_id)
         if ensure_topics:
-            await self._transport.ensure_topics(self.topics)
-        self._transport.subscribe_batches(self.topics, self.group_id, self.on_batch)
+            setting = "--bootstrap-servers (or CHOREO_KAFKA_BOOTSTRAP_SERVERS)"
+            with quiet("aiokafka"):  # an ERROR per refused connection: we log one line per attempt
+                await wait_for_dependency(
+                    "trace collector",
+                    "Kafka",
+                    kafka.bootstrap_servers,
+                    setting,
+                    lambda: transport.ensure_topics(self.topics),
+                    deadline,
+                )
+        transport.subscribe_batches(self.topics, self.group_id, self.on_batch)
         return self._transport
 
     async def start(self) -> None:
         """Open the database, then consume from the earliest record the group has not seen."""
         if self._started:
             return
-        transport = await self.open()
-        await transport.start()
+        try:
+            transport = await self.open()
+            await transport.start()
+        except BaseException:
+            await self.stop()  # close what was opened: the caller has no collector to stop
+            raise
         self._started = True
         log.info("trace collector consuming %s into %r", ", ".join(self.topics), self.store)
 

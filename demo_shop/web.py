@@ -21,10 +21,10 @@ from pydantic import BaseModel
 from starlette.responses import Response as StarletteResponse
 from starlette.routing import compile_path
 
-from choreo import ConfigurationError, KafkaSettings, Service, SetupError
-from choreo.database import normalize_url
+from choreo import ChoreoError, ConfigurationError, Service, SetupError
+from choreo.cli import exit_status, show_tracebacks
 from choreo.health import metrics, readiness
-from choreo.settings import LOG_FORMAT, database_url, log_level_from_env
+from choreo.settings import LOG_FORMAT, log_level_from_env
 
 
 class Problem(BaseModel):
@@ -186,18 +186,29 @@ def serve_service(service: Service, app: FastAPI, *, default_port: int) -> None:
         print(usage)
         return
     if sys.argv[1:]:
-        sys.exit(f"unexpected arguments {sys.argv[1:]}; configure with environment variables\n\n{usage}")
+        print(f"unexpected arguments {sys.argv[1:]}; configure with environment variables\n\n{usage}", file=sys.stderr)
+        sys.exit(2)
     raw_port = os.environ.get("PORT", str(default_port))
-    if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
-        sys.exit(f"PORT={raw_port!r} is not a TCP port number")
     try:
-        # Fail now, with the variable's name, rather than inside the server's startup.
+        if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+            raise ConfigurationError(f"PORT={raw_port!r} is not a TCP port number")
         level = log_level_from_env()
-        KafkaSettings.from_env(service.name)
-        normalize_url(database_url(service.name))
-    except ConfigurationError as error:
-        sys.exit(f"{service.name}: {error}")
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+        logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+        sys.exit(asyncio.run(_serve(service, app, os.environ.get("HOST", "127.0.0.1"), int(raw_port), level)))
+    except ChoreoError as error:
+        # One line, the reason and what to change; the traceback only when asked for.
+        if show_tracebacks():
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(exit_status(error))
+
+
+async def _serve(service: Service, app: FastAPI, host: str, port: int, level: str) -> int:
+    # The service starts before the HTTP server, so a dependency that stays away ends the
+    # process with one line instead of a failed ASGI lifespan's traceback. The app's own
+    # lifespan then finds it started, and stops it on shutdown.
+    await service.start()
     import uvicorn
 
-    uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=int(raw_port), log_level=level)
+    await uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=level)).serve()
+    return 0

@@ -97,17 +97,17 @@ def test_graph_and_collect_take_several_apps(project: Path) -> None:
     assert "  customers.reserve_credit: on order.created" in out
     # collect resolves every target before it connects anywhere
     code, out, err = invoke("collect", "demo_shop", "shipping_svc", "no_such_app")
-    assert (code, out) == (1, "")
+    assert (code, out) == (2, "")
     assert err.startswith("error: no module named 'no_such_app'")
 
 
 def test_apps_come_from_pyproject_when_none_is_named(project: Path) -> None:
     write_shipping(project)
     code, _, err = invoke("check")
-    assert code == 1 and err.startswith("error: no app given and no pyproject.toml in ")
+    assert code == 2 and err.startswith("error: no app given and no pyproject.toml in ")
     (project / "pyproject.toml").write_text('[project]\nname = "shop"\n')
     code, _, err = invoke("graph")
-    assert code == 1 and "has no [tool.choreo] apps; name the apps" in err
+    assert code == 2 and "has no [tool.choreo] apps; name the apps" in err
     (project / "pyproject.toml").write_text('[tool.choreo]\napps = "demo_shop"\n')
     with pytest.raises(ConfigurationError, match=r"apps must be a non-empty list of module names, got 'demo_shop'"):
         configured_apps()

@@ -120,13 +120,13 @@ def test_trace_mermaid_is_a_sequence_diagram(flows: Flows) -> None:
 
 def test_trace_of_an_unknown_saga_is_a_one_line_error(flows: Flows, tmp_path: Path) -> None:
     code, out, err = invoke("trace", "no-such-saga", "--db", db(flows))
-    assert (code, out) == (1, "")
+    assert (code, out) == (2, "")
     assert err == f"error: no saga 'no-such-saga' in the trace database {db(flows)}\n"
     code, _, err = invoke("trace", "abc", "--db", f"sqlite+aiosqlite:///{tmp_path}/missing.db")
-    assert code == 1 and err.startswith(f"error: trace database {tmp_path}/missing.db does not exist;")
+    assert code == 2 and err.startswith(f"error: trace database {tmp_path}/missing.db does not exist;")
     assert not (tmp_path / "missing.db").exists()
     code, _, err = invoke("trace", "abc", "--db", "mysql://nope")
-    assert code == 1 and err.count("\n") == 1 and "choreo supports PostgreSQL" in err
+    assert code == 2 and err.count("\n") == 1 and "choreo supports PostgreSQL" in err
 
 
 def test_the_database_defaults_to_the_environment(flows: Flows) -> None:
@@ -193,7 +193,7 @@ def test_sagas_without_declarations_can_take_them_from_the_app(flows: Flows, pro
     code, out, _ = invoke("sagas", "--db", db(flows), "--app", "shop_cli_app", "--state", "failed")
     assert code == 0 and sagas_listed(out) == [(flows.ids["dead-letter"], "failed")]
     code, _, err = invoke("sagas", "--db", db(flows), "--app", "no_such_app")
-    assert code == 1 and err.startswith("error: no module named 'no_such_app'")
+    assert code == 2 and err.startswith("error: no module named 'no_such_app'")
 
 
 def test_graph_formats(project: Path) -> None:
@@ -231,7 +231,7 @@ def test_check_exit_codes(project: Path) -> None:
 def test_bad_input_is_one_line_and_non_zero(project: Path, args: list[str], message: str) -> None:
     write_package(project, "shop_err")
     code, out, err = invoke(*args)
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     assert err.startswith(message) and err.count("\n") == 1
 
 
@@ -302,4 +302,4 @@ def test_dlq_commands_list_show_replay_and_discard(tmp_path: Path) -> None:
     assert sorted(letter["status"] for letter in json.loads(history.stdout)) == ["discarded", "replayed", "replayed"]
 
     nothing = runner.invoke(app, ["dlq", "replay", spec], env=env)
-    assert nothing.exit_code == 1 and "name the letters" in nothing.output
+    assert nothing.exit_code == 2 and "name the letters" in nothing.output

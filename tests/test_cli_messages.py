@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_a_too_short_saga_prefix_is_named_as_such(flows: Flows) -> None:  # noqa: F811
     result = runner.invoke(app, ["trace", "4", "--db", db(flows)], env={"CHOREO_DEBUG": ""})
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no saga '4' in the trace database" in result.stderr
     assert f"a prefix needs at least {MIN_PREFIX} characters" in result.stderr
 
@@ -47,7 +47,7 @@ def test_dlq_commands_refuse_a_database_that_does_not_exist(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     for command in (["list"], ["show", "1"], ["replay", "1"], ["discard", "1"]):
         result = runner.invoke(app, ["dlq", command[0], "tests.dlq_app:ledger", *command[1:]], env={"CHOREO_DEBUG": ""})
-        assert result.exit_code == 1
+        assert result.exit_code == 2
         assert "ledger's database ledger.db does not exist; pass --db or set CHOREO_LEDGER_DATABASE_URL" in (
             result.stderr
         )
@@ -72,7 +72,7 @@ def test_service_help_aligns_its_columns() -> None:
 
 def test_choreo_run_refuses_a_bad_log_level_before_connecting() -> None:
     result = runner.invoke(app, ["run", "tests.dlq_app:ledger"], env={"LOG_LEVEL": "loud", "CHOREO_DEBUG": ""})
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "LOG_LEVEL='loud'" in result.stderr
 
 

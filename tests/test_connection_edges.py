@@ -285,7 +285,7 @@ def test_choreo_run_waits_then_fails_in_one_line_and_dlq_does_not_wait(
         "CHOREO_DEBUG": "",
     }
     run = runner.invoke(app, ["run", "tests.dlq_app:ledger"], env=env)
-    assert run.exit_code == 1
+    assert run.exit_code == 69
     assert run.stderr.startswith(f"error: ledger: Kafka at 127.0.0.1:{port} did not answer within the start timeout")
     assert run.stderr.count("\n") == 1
     assert any("waiting for Kafka" in r.getMessage() for r in caplog.records)
@@ -294,7 +294,7 @@ def test_choreo_run_waits_then_fails_in_one_line_and_dlq_does_not_wait(
     unreachable = f"postgresql://postgres:secret@127.0.0.1:{port}/ledger"
     env = {**env, "CHOREO_LEDGER_DATABASE_URL": unreachable, "CHOREO_START_TIMEOUT": "60s"}
     listed = runner.invoke(app, ["dlq", "list", "tests.dlq_app:ledger"], env=env)
-    assert listed.exit_code == 1
+    assert listed.exit_code == 69
     assert listed.stderr.startswith("error: ledger: the database at postgresql://postgres:***@127.0.0.1:")
     assert "secret" not in listed.stderr and listed.stderr.count("\n") == 1
     assert not any("waiting for" in r.getMessage() for r in caplog.records)  # a one-shot tool fails at once
