@@ -7,6 +7,7 @@ from choreo.events import Event, EventRegistry
 from choreo.exceptions import (
     ChoreoError,
     ConfigurationError,
+    EventTooLarge,
     RejectedRecord,
     RelayError,
     SetupError,
@@ -26,6 +27,7 @@ __all__ = [
     "Envelope",
     "Event",
     "EventRegistry",
+    "EventTooLarge",
     "KafkaSettings",
     "RejectedRecord",
     "Relay",

@@ -4,6 +4,10 @@ Replay sends the stored record through the service's normal unit of work, for th
 that failed on it: the inbox keeps it idempotent, and saga and causation ids come from the
 record's own headers. A replay that fails again parks a new letter; the old one stays as
 `replayed`, so the history of a record is kept.
+
+A letter the relay parked (reason `unpublishable`: Kafka refused the outbox row) never reached a
+handler: replaying it queues the row in the outbox again, for when the cause is fixed (a larger
+`max_request_size`, a granted ACL). If Kafka still refuses it, the relay parks a new letter.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from choreo import deadletters
 from choreo.envelope import utcnow
 from choreo.exceptions import ChoreoError
 from choreo.kafka import Record
@@ -29,7 +34,8 @@ class ReplayResult:
 
     letter_id: int
     outcome: str
-    """handled, duplicate, dead-lettered (failed again), skipped, or not-parked."""
+    """handled, duplicate, dead-lettered (failed again), skipped, not-parked, or re-enqueued
+    (an unpublishable outbox row, queued for the relay again)."""
 
 
 async def letters(
@@ -59,7 +65,8 @@ async def letters(
 
 
 async def replay(service: Service, selected: Sequence[DeadLetter]) -> list[ReplayResult]:
-    """Run each parked letter through its handler again; mark it replayed."""
+    """Run each parked letter through its handler again (or, for a row the relay parked, queue
+    it in the outbox again); mark it replayed."""
     consumer = service.consumer
     if consumer is None:
         raise ChoreoError(f"{service.name} is not open: `await service.start(kafka=False)` first")
@@ -68,6 +75,12 @@ async def replay(service: Service, selected: Sequence[DeadLetter]) -> list[Repla
         assert letter.id is not None
         if letter.status != "parked":
             results.append(ReplayResult(letter.id, "not-parked"))
+            continue
+        if letter.reason == deadletters.UNPUBLISHABLE:
+            async with AsyncSession(service.engine) as session, session.begin():
+                await deadletters.reenqueue(session, letter, utcnow())
+            await _resolve(service, [letter.id], "replayed")
+            results.append(ReplayResult(letter.id, "re-enqueued"))
             continue
         record = Record(
             topic=letter.topic,

@@ -4,8 +4,10 @@ ChoreoError
 ├── SetupError (also ValueError)        a service, handler or event is declared wrongly
 │   └── ConfigurationError              settings or environment cannot be used
 ├── UndeclaredEmitError (also TypeError) a handler emitted an event it did not declare
+├── EventTooLarge (also ValueError)      an emitted event is larger than Kafka accepts
 ├── RejectedRecord                       a consumed record can never be processed (dead letter)
 └── RelayError                           the relay cannot publish (retried, never raised to users)
+    └── Unpublishable                    Kafka refuses an outbox row for good (dead letter)
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ class UndeclaredEmitError(ChoreoError, TypeError):
     """A handler emitted an event type it did not declare in its return annotation or `emits=`."""
 
 
+class EventTooLarge(ChoreoError, ValueError):
+    """An emitted event, as a Kafka record, exceeds the producer's `max_request_size`."""
+
+
 class RejectedRecord(ChoreoError):
     """A consumed record is undecodable, invalid or unknown: it is dead-lettered at once."""
 
@@ -38,3 +44,8 @@ class RejectedRecord(ChoreoError):
 
 class RelayError(ChoreoError):
     """Publishing outbox rows failed; the relay retries with backoff."""
+
+
+class Unpublishable(RelayError):
+    """Kafka refuses an outbox row in a way no retry can cure (too large, topic invalid or
+    forbidden): the relay parks it as a dead letter and moves on to the key's next row."""
