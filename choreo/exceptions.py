@@ -7,6 +7,7 @@ ChoreoError
 ├── EventTooLarge (also ValueError)      an emitted event is larger than Kafka accepts
 ├── RejectedRecord                       a consumed record can never be processed (dead letter)
 └── RelayError                           the relay cannot publish (retried, never raised to users)
+    ├── NotSent                          held back behind a failed row of its key (retried)
     └── Unpublishable                    Kafka refuses an outbox row for good (dead letter)
 """
 
@@ -44,6 +45,10 @@ class RejectedRecord(ChoreoError):
 
 class RelayError(ChoreoError):
     """Publishing outbox rows failed; the relay retries with backoff."""
+
+
+class NotSent(RelayError):
+    """An outbox row was not handed to Kafka because an earlier row of its key failed."""
 
 
 class Unpublishable(RelayError):

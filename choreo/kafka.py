@@ -38,7 +38,7 @@ from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.security import parse_security
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
-from choreo.exceptions import Unpublishable
+from choreo.exceptions import NotSent, Unpublishable
 from choreo.outbox import OutboxRecord
 from choreo.settings import KafkaSettings
 
@@ -72,10 +72,6 @@ _PERMANENT = (
     InvalidTopicError,
     TopicAuthorizationFailedError,
 )
-
-
-class NotSent(Exception):
-    """A record was not handed to the producer because an earlier one of its key failed."""
 
 
 def _classified(error: BaseException) -> BaseException:
@@ -335,7 +331,11 @@ class KafkaTransport:
         self, broker: KafkaBroker, records: Sequence[OutboxRecord]
     ) -> list[BaseException | None]:
         outcomes: list[BaseException | None] = []
+        failed: set[str] = set()
         for record in records:
+            if record.key is not None and record.key in failed:
+                outcomes.append(NotSent(f"not sent: an earlier record of key {record.key!r} failed"))
+                continue
             try:
                 await broker.publish(
                     record.payload,
@@ -346,6 +346,8 @@ class KafkaTransport:
                 outcomes.append(None)
             except Exception as error:
                 outcomes.append(error)
+                if record.key is not None:
+                    failed.add(record.key)
         return outcomes
 
 

@@ -5,6 +5,12 @@ Only one relay per database publishes at a time: on PostgreSQL the leader holds 
 session-level advisory lock on the very connection it reads and marks rows with, so if that
 connection dies the lock is released and the leader's own work fails with it; standbys retry
 the lock every `standby_interval`. SQLite serves one process, whose single relay is leader.
+
+A send that fails never lets a later row of its key overtake: the key is held back, its first
+unpublished row is sent alone (with backoff) until Kafka acknowledges it, and the key's other
+rows are not even read meanwhile, so they cannot fill the batches other keys need. A row Kafka
+refuses for good (too large, topic invalid or forbidden) is parked as a dead letter (reason
+`unpublishable`) and its key moves on.
 """
 
 from __future__ import annotations
@@ -172,10 +178,11 @@ class Relay:
         heads = [hold.head for hold in self._held.values() if hold.retry_at <= clock]
         rows = await outbox.fetch_due(conn, utcnow(), self.batch_size, held=list(self._held), heads=heads)
         await conn.commit()
-        fetched = {row.id for row in rows}
-        for key, hold in list(self._held.items()):
-            if hold.head in heads and hold.head not in fetched:
-                del self._held[key]  # published, parked or withdrawn meanwhile
+        if heads:
+            fetched = {row.id for row in rows}
+            for key, hold in list(self._held.items()):
+                if hold.head in heads and hold.head not in fetched:
+                    del self._held[key]  # published, parked or withdrawn meanwhile
         if not rows:
             return 0
         outcomes = await self.publisher.publish(rows)
@@ -186,7 +193,8 @@ class Relay:
         await conn.commit()
         self.stats.published += len(done)
         self.stats.batches += 1
-        self._hold_after(rows, done, unpublishable, failed, clock)
+        if self._held or unpublishable or failed:
+            self._hold_after(rows, done, unpublishable, failed, clock)
         if failed:
             self.stats.failures += 1
             row, error = failed[0]
@@ -204,8 +212,8 @@ class Relay:
         self,
         rows: Sequence[OutboxRecord],
         done: Sequence[int],
-        unpublishable: Sequence[tuple[OutboxRecord, BaseException]],
-        failed: Sequence[tuple[OutboxRecord, BaseException]],
+        unpublishable: Sequence[Failure],
+        failed: Sequence[Failure],
         clock: float,
     ) -> None:
         published = set(done)
@@ -229,7 +237,7 @@ class Relay:
             failures = earlier.failures + 1 if earlier is not None and earlier.head == row.id else 1
             self._held[row.key] = _Hold(head=row.id, failures=failures, retry_at=clock + self._backoff(failures))
 
-    async def _park(self, unpublishable: Sequence[tuple[OutboxRecord, BaseException]]) -> None:
+    async def _park(self, unpublishable: Sequence[Failure]) -> None:
         # One transaction on a pooled connection: each letter is stored and its row taken off
         # the queue together, so a row is neither lost nor parked twice.
         async with AsyncSession(self.engine) as session, session.begin():
