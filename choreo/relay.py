@@ -269,7 +269,9 @@ class Relay:
         self._wake.clear()
 
     def _backoff(self, failures: int) -> float:
-        ceiling = min(self.max_backoff, 0.05 * 2**failures)
+        # The exponent is capped: 2.0**1024 overflows a float, which would end the relay after
+        # about 1,000 failures in a row (some 80 minutes of outage at the default ceiling).
+        ceiling = min(self.max_backoff, 0.05 * 2 ** min(failures, 32))
         return random.uniform(ceiling / 2, ceiling)
 
 

@@ -8,6 +8,7 @@ import functools
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from choreo import Event, EventTooLarge, KafkaSettings, Relay, Service, dlq, tables
+from choreo.database import create_engine
 from choreo.deadletters import PAYLOAD_OMITTED, UNPUBLISHABLE, park, topic_for
 from choreo.envelope import new_id, utcnow
 from choreo.health import metrics
@@ -271,6 +273,11 @@ async def test_the_backoff_starts_afresh_after_the_relay_published_again(engine:
     finally:
         await relay.stop()
     assert relay.counted == [1, 2, 3, 1]
+
+
+def test_the_backoff_stays_within_its_ceiling_however_long_the_outage(tmp_path: Path) -> None:
+    relay = Relay(create_engine(f"sqlite+aiosqlite:///{tmp_path}/x.db"), FailingCalls(0), name="edges", max_backoff=5.0)
+    assert all(2.5 <= relay._backoff(failures) <= 5.0 for failures in (10, 1_023, 1_024, 100_000))
 
 
 # -- sizes: at emit time, and for dead letters ------------------------------------------------
