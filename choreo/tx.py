@@ -90,7 +90,11 @@ class Tx:
             if not isinstance(timeout, saga.timeout_event or Event):
                 raise TypeError(f"saga {saga.name!r}: on_deadline returned {timeout!r}, not a {saga.timeout_event!r}")
             self._allowed = None if self._allowed is None else self._allowed | {type(timeout)}
-            self._queue(timeout, available_at=now + saga.deadline, now=now, event_id=saga.timeout_id(self.saga_id))
+            try:
+                self._queue(timeout, available_at=now + saga.deadline, now=now, event_id=saga.timeout_id(self.saga_id))
+            except EventTooLarge:
+                self._pending.pop()  # the start: a saga never starts without its timeout
+                raise
         for ended in self._sagas.ended_by.get(event_type, ()):
             # The saga ended here, in the service that scheduled its timeout: the timeout
             # would find nothing to do, so it is withdrawn in this same transaction.

@@ -8,6 +8,7 @@ import functools
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +331,34 @@ async def test_the_emit_limit_follows_the_services_kafka_client_options(database
             tx.emit(Blob(data="x" * 1000))
             with pytest.raises(EventTooLarge, match="2000"):
                 tx.emit(Blob(data="x" * 2000))
+    finally:
+        await service.stop()
+
+
+class BlobExpired(Event, name="edges.blob_expired", topic=TOPIC):
+    data: str
+
+
+class BlobDone(Event, name="edges.blob_done", topic=TOPIC):
+    pass
+
+
+async def test_a_saga_whose_timeout_is_too_large_does_not_start(database: DatabaseFactory) -> None:
+    service = blob_service(await database("edges"), KafkaSettings(client_options={"max_request_size": 2000}))
+    service.saga(
+        "blob",
+        starts=Blob,
+        ends={BlobDone},
+        deadline=timedelta(minutes=1),
+        on_deadline=lambda blob: BlobExpired(data=blob.data * 3),
+        timeout_event=BlobExpired,
+    )
+    await service.start(kafka=False)
+    try:
+        async with service.transaction() as tx:
+            with pytest.raises(EventTooLarge, match="edges.blob_expired"):
+                tx.emit(Blob(data="x" * 1000))
+            assert tx.pending == []
     finally:
         await service.stop()
 
