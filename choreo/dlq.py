@@ -6,6 +6,10 @@ record's own headers. A replay that fails again parks a new letter; the old one 
 `replayed`, so the history of a record is kept. A letter whose event the inbox shows as
 processed by its handler (a later delivery succeeded) is not replayed unless forced: the
 replay could only be a duplicate, and marking it `replayed` would hide that it never was.
+
+A letter the relay parked (reason `unpublishable`: Kafka refused the outbox row) never reached a
+handler: replaying it queues the row in the outbox again, for when the cause is fixed (a larger
+`max_request_size`, a granted ACL). If Kafka still refuses it, the relay parks a new letter.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from datetime import datetime
 from sqlalchemy import select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from choreo import deadletters
 from choreo.envelope import utcnow
 from choreo.exceptions import ChoreoError
 from choreo.kafka import Record
@@ -32,7 +37,8 @@ class ReplayResult:
 
     letter_id: int
     outcome: str
-    """handled, duplicate, dead-lettered (failed again), skipped, not-parked, or already-processed."""
+    """handled, duplicate, dead-lettered (failed again), skipped, not-parked, already-processed,
+    or re-enqueued (an unpublishable outbox row, queued for the relay again)."""
     detail: str = ""
 
 
@@ -66,7 +72,7 @@ async def replay(service: Service, selected: Sequence[DeadLetter], *, force: boo
     """Run each parked letter through its handler again; mark it replayed.
 
     A letter whose event its handler already processed stays parked as `already-processed`,
-    unless `force`.
+    unless `force`. A row the relay parked is queued in the outbox again instead.
     """
     consumer = service.consumer
     if consumer is None:
@@ -82,6 +88,12 @@ async def replay(service: Service, selected: Sequence[DeadLetter], *, force: boo
             at = processed[letter.id].strftime("%Y-%m-%d %H:%M:%S")
             detail = f"{letter.consumer} already processed event {letter.event_id} at {at} (inbox)"
             results.append(ReplayResult(letter.id, "already-processed", detail))
+            continue
+        if letter.reason == deadletters.UNPUBLISHABLE:
+            async with AsyncSession(service.engine) as session, session.begin():
+                await deadletters.reenqueue(session, letter, utcnow())
+            await _resolve(service, [letter.id], "replayed")
+            results.append(ReplayResult(letter.id, "re-enqueued"))
             continue
         record = Record(
             topic=letter.topic,

@@ -5,10 +5,13 @@ ChoreoError
 │   └── ConfigurationError              settings or environment cannot be used
 ├── UndeclaredEmitError (also TypeError) a handler emitted an event it did not declare
 ├── UnitOfWorkError (also RuntimeError)  code inside a unit of work committed or rolled back its session
+├── EventTooLarge (also ValueError)      an emitted event is larger than Kafka accepts
 ├── RejectedRecord                       a consumed record can never be processed (dead letter)
 ├── HandlerFailed                        (internal) an exception out of handler code, whatever its type
 ├── DependencyUnavailable                the database or Kafka did not answer within the start timeout
 └── RelayError                           the relay cannot publish (retried, never raised to users)
+    ├── NotSent                          held back behind a failed row of its key (retried)
+    └── Unpublishable                    Kafka refuses an outbox row for good (dead letter)
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class UndeclaredEmitError(ChoreoError, TypeError):
 
 class UnitOfWorkError(ChoreoError, RuntimeError):
     """Code inside a unit of work tried to end its transaction; choreo commits it, whole, at the end."""
+
+
+class EventTooLarge(ChoreoError, ValueError):
+    """An emitted event, as a Kafka record, exceeds the producer's `max_request_size`."""
 
 
 class RejectedRecord(ChoreoError):
@@ -58,3 +65,12 @@ class DependencyUnavailable(ChoreoError):
 
 class RelayError(ChoreoError):
     """Publishing outbox rows failed; the relay retries with backoff."""
+
+
+class NotSent(RelayError):
+    """An outbox row was not handed to Kafka because an earlier row of its key failed."""
+
+
+class Unpublishable(RelayError):
+    """Kafka refuses an outbox row in a way no retry can cure (too large, topic invalid or
+    forbidden): the relay parks it as a dead letter and moves on to the key's next row."""

@@ -58,6 +58,7 @@ async def metrics(service: Service) -> str:
         lines += [
             ("choreo_relay_published_total", "counter", "Outbox rows published.", relay.stats.published),
             ("choreo_relay_failures_total", "counter", "Relay failures (retried).", relay.stats.failures),
+            ("choreo_relay_parked_total", "counter", "Outbox rows Kafka refused for good, parked.", relay.stats.parked),
             ("choreo_relay_leader", "gauge", "1 when this relay publishes.", int(relay.stats.is_leader)),
         ]
     consumer = service.consumer

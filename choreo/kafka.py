@@ -21,12 +21,24 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import ConsumerStoppedError, IllegalStateError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    ConsumerStoppedError,
+    IllegalStateError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.security import parse_security
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
+from choreo.exceptions import NotSent, Unpublishable
 from choreo.outbox import OutboxRecord
 from choreo.settings import KafkaSettings
 
@@ -45,6 +57,38 @@ class Record:
     headers: tuple[tuple[str, bytes], ...]
     timestamp_ms: int | None = None
     """The record's Kafka timestamp (milliseconds since the epoch), when the broker gave one."""
+
+
+DEFAULT_MAX_REQUEST_SIZE = 1048576
+"""aiokafka's default `max_request_size`: the producer refuses a larger record."""
+
+# Errors that sending the same record again cannot cure: it is too large for the producer or the
+# broker, or its topic is malformed or forbidden to this service. A topic that does not exist
+# (UnknownTopicOrPartition) is not among them: it may yet be created (`ensure_topics`).
+_PERMANENT = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    InvalidTopicError,
+    TopicAuthorizationFailedError,
+)
+
+
+def _classified(error: BaseException) -> BaseException:
+    if not isinstance(error, _PERMANENT):
+        return error
+    unpublishable = Unpublishable(f"{type(error).__name__}: {error}")
+    unpublishable.__cause__ = error
+    return unpublishable
+
+
+def record_size(key: str | None, payload: bytes, headers: dict[str, str]) -> int:
+    """The size the producer counts for a record, checked against its `max_request_size`."""
+    encoded = [(name, value.encode()) for name, value in headers.items()]
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        key.encode() if key is not None else None, payload, encoded
+    )
+    return size
 
 
 OnRecord = Callable[[Record], Awaitable[None]]
@@ -172,9 +216,11 @@ class KafkaTransport:
         finally:
             await admin.close()
 
-    async def start(self) -> None:
-        """Connect the producer and start the consumers."""
-        producer = AIOKafkaProducer(
+    producer_type: Callable[..., AIOKafkaProducer] = AIOKafkaProducer
+    """What builds the producer: a test may put a fault-injecting subclass here."""
+
+    def _make_producer(self) -> AIOKafkaProducer:
+        return self.producer_type(
             bootstrap_servers=self.settings.bootstrap_servers,
             client_id=self.client_id,
             enable_idempotence=self.settings.idempotence,
@@ -182,6 +228,10 @@ class KafkaTransport:
             **parse_security(self._security),
             **self.settings.client_options,
         )
+
+    async def start(self) -> None:
+        """Connect the producer and start the consumers."""
+        producer = self._make_producer()
         await producer.start()
         self._producer = producer
         for member in self._members:
@@ -195,18 +245,47 @@ class KafkaTransport:
             await self._producer.stop()
             self._producer = None
 
+    @property
+    def max_record_size(self) -> int:
+        """The largest record the producer accepts, in bytes as `record_size` counts them."""
+        return int(self.settings.client_options.get("max_request_size", DEFAULT_MAX_REQUEST_SIZE))
+
     async def publish(self, records: Sequence[OutboxRecord]) -> list[BaseException | None]:
         """Send `records` in order; per record, None when Kafka acknowledged it, else the error.
 
         All records are handed to the producer before any acknowledgement is awaited, so a
-        batch costs about one round trip; the producer keeps per-partition order.
+        batch costs about one round trip; the producer keeps per-partition order. Once a send
+        of a key fails, no later record of that key is handed over: its outcome is `NotSent`.
         """
         if self._in_memory is not None:
             return await self._publish_in_memory(self._in_memory, records)
         if self._producer is None:
             raise RuntimeError("the Kafka transport is not started")
+        # What the producer can and cannot take back (aiokafka 0.12, producer/*.py, and what
+        # the broker was seen to do):
+        # - Records of one partition are appended to that partition's open batch; a batch is
+        #   delivered or failed as a whole (MessageBatch.failure fails every record in it).
+        # - One batch per partition is in flight at a time (the sender mutes the partition), and
+        #   a retriable error puts the batch back at the head of its partition's queue, so
+        #   retries keep order. With idempotence (choreo's default) an in-flight batch is retried
+        #   until it succeeds; without it, a batch retried past request_timeout_ms fails.
+        # - A batch can still fail for good while later batches of its partition wait: it expired
+        #   waiting for a leader (drain_by_nodes), or the broker refused it (e.g. too large for
+        #   the topic). Without idempotence the next batch is then sent and may be accepted. With
+        #   idempotence the failed batch leaves a gap in the sequence numbers, and the broker
+        #   refuses the later batches (OutOfOrderSequenceNumber) -- except when the failed batch
+        #   was this producer's first to the partition: then a later one was seen accepted.
+        # So a record of a key handed over after one that fails asynchronously may reach Kafka
+        # first; a record handed over cannot be recalled. What can be done is done: nothing
+        # later of a key is handed over once a send of it failed synchronously (here); the relay
+        # then sends that key one record at a time, each acknowledged before the next, until
+        # one succeeds (relay.py); and a producer whose sequence has a gap is replaced.
         pending: list[asyncio.Future[Any] | BaseException] = []
+        failed: set[str] = set()
         for record in records:
+            if record.key is not None and record.key in failed:
+                pending.append(NotSent(f"not sent: an earlier record of key {record.key!r} failed"))
+                continue
             try:
                 pending.append(
                     await self._producer.send(
@@ -218,23 +297,49 @@ class KafkaTransport:
                 )
             except Exception as error:  # e.g. too large, or no metadata for the topic in time
                 pending.append(error)
+                if record.key is not None:
+                    failed.add(record.key)
         outcomes: list[BaseException | None] = []
+        delivery_failed = False
         for item in pending:
             if isinstance(item, BaseException):
-                outcomes.append(item)
+                outcomes.append(_classified(item))
                 continue
             try:
                 await item
                 outcomes.append(None)
             except Exception as error:
-                outcomes.append(error)
+                outcomes.append(_classified(error))
+                delivery_failed = True
+        if delivery_failed and self.settings.idempotence:
+            await self._renew_producer()
         return outcomes
+
+    async def _renew_producer(self) -> None:
+        # The idempotent producer numbers each partition's batches when it takes them to send;
+        # a batch that then fails for good (the broker refused it, or it expired) leaves a gap
+        # in those numbers, and the broker answers every later batch of that partition with
+        # OutOfOrderSequenceNumber, for as long as this producer lives (aiokafka does not reset
+        # its sequences as the Java client does). A new producer gets a new producer id and
+        # starts its numbers afresh. Every delivery of this call is settled: nothing is lost.
+        assert self._producer is not None
+        log.warning("a delivery failed: starting a new Kafka producer, whose sequence numbers have no gap")
+        old, self._producer = self._producer, None
+        with contextlib.suppress(Exception):
+            await old.stop()
+        producer = self._make_producer()
+        await producer.start()
+        self._producer = producer
 
     async def _publish_in_memory(
         self, broker: KafkaBroker, records: Sequence[OutboxRecord]
     ) -> list[BaseException | None]:
         outcomes: list[BaseException | None] = []
+        failed: set[str] = set()
         for record in records:
+            if record.key is not None and record.key in failed:
+                outcomes.append(NotSent(f"not sent: an earlier record of key {record.key!r} failed"))
+                continue
             try:
                 await broker.publish(
                     record.payload,
@@ -245,6 +350,8 @@ class KafkaTransport:
                 outcomes.append(None)
             except Exception as error:
                 outcomes.append(error)
+                if record.key is not None:
+                    failed.add(record.key)
         return outcomes
 
 

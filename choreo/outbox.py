@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Integer, TextClause, bindparam, func, select, text, union_all
+from sqlalchemy import Integer, TextClause, TextualSelect, bindparam, func, select, text, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from choreo.database import NOTIFY_CHANNEL, is_postgres
@@ -33,6 +33,10 @@ class PendingEvent:
     topic: str
     key: str
     available_at: datetime
+    headers: dict[str, str]
+    """`envelope.to_headers()`, computed once at emit time."""
+    payload: bytes
+    """The event's JSON, serialized once at emit time (where its size is checked)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,7 @@ _LOCK_INSERT = _lock_and_insert(notify=False)
 _DUE_BINDS = (bindparam("now", type_=UtcDateTime), bindparam("limit", type_=Integer))
 _RECORD_COLUMNS = (_outbox.c.id, _outbox.c.topic, _outbox.c.key, _outbox.c.headers, _outbox.c.payload)
 
+
 # Due rows in id order, from two partial indexes (see `tables.OutboxRow`): rows due when written
 # are read in id order straight off their index, at most `limit` of them however long the
 # backlog; scheduled rows (available_at > created_at) are found by due time, so the pending
@@ -111,34 +116,46 @@ _RECORD_COLUMNS = (_outbox.c.id, _outbox.c.topic, _outbox.c.key, _outbox.c.heade
 # materialized CTE, which leaves the due-time index as the only cheap plan, and its rows are
 # then fetched by an array of ids (never planned as a join over the whole table); on SQLite,
 # ordering by the expression +id has the same effect.
-_IMMEDIATE = (
-    'SELECT id, topic, "key", headers, payload FROM choreo_outbox'
-    f" WHERE {UNPUBLISHED_IMMEDIATE} ORDER BY id LIMIT :limit"
-)
-_SCHEDULED_DUE = f"{UNPUBLISHED_SCHEDULED} AND available_at <= :now"
-_FETCH_DUE_POSTGRES = (
-    text(
-        f"WITH scheduled AS MATERIALIZED (SELECT id FROM choreo_outbox WHERE {_SCHEDULED_DUE})"
-        ' SELECT id, topic, "key", headers, payload FROM ('
-        f" SELECT * FROM ({_IMMEDIATE}) AS immediate"
-        " UNION ALL"
-        ' SELECT id, topic, "key", headers, payload FROM choreo_outbox'
-        "  WHERE id = ANY(ARRAY(SELECT id FROM scheduled ORDER BY id LIMIT :limit))"
-        ") AS due ORDER BY id LIMIT :limit"
+def _due_query(*, postgres: bool, held: str = "") -> TextualSelect:
+    immediate = (
+        'SELECT id, topic, "key", headers, payload FROM choreo_outbox'
+        f" WHERE {UNPUBLISHED_IMMEDIATE}{held} ORDER BY id LIMIT :limit"
     )
-    .bindparams(*_DUE_BINDS)
-    .columns(*_RECORD_COLUMNS)
+    scheduled_due = f"{UNPUBLISHED_SCHEDULED} AND available_at <= :now{held}"
+    if postgres:
+        sql = (
+            f"WITH scheduled AS MATERIALIZED (SELECT id FROM choreo_outbox WHERE {scheduled_due})"
+            ' SELECT id, topic, "key", headers, payload FROM ('
+            f" SELECT * FROM ({immediate}) AS immediate"
+            " UNION ALL"
+            ' SELECT id, topic, "key", headers, payload FROM choreo_outbox'
+            "  WHERE id = ANY(ARRAY(SELECT id FROM scheduled ORDER BY id LIMIT :limit))"
+            ") AS due ORDER BY id LIMIT :limit"
+        )
+    else:
+        sql = (
+            'SELECT id, topic, "key", headers, payload FROM ('
+            f" SELECT * FROM ({immediate}) AS immediate"
+            " UNION ALL"
+            ' SELECT * FROM (SELECT id, topic, "key", headers, payload FROM choreo_outbox'
+            f"  WHERE {scheduled_due} ORDER BY +id LIMIT :limit) AS scheduled"
+            ") AS due ORDER BY id LIMIT :limit"
+        )
+    binds = [*_DUE_BINDS, bindparam("held", expanding=True)] if held and not postgres else _DUE_BINDS
+    return text(sql).bindparams(*binds).columns(*_RECORD_COLUMNS)
+
+
+_FETCH_DUE_POSTGRES = _due_query(postgres=True)
+_FETCH_DUE_SQLITE = _due_query(postgres=False)
+# Keys the relay holds back (a send of theirs failed) are left out, so a stuck key's backlog
+# cannot fill every batch; each one's first row is read by id instead (`_HEADS`).
+_FETCH_DUE_HELD_POSTGRES = _due_query(
+    postgres=True, held=' AND ("key" IS NULL OR NOT "key" = ANY(CAST(:held AS text[])))'
 )
-_FETCH_DUE_SQLITE = (
-    text(
-        'SELECT id, topic, "key", headers, payload FROM ('
-        f" SELECT * FROM ({_IMMEDIATE}) AS immediate"
-        " UNION ALL"
-        ' SELECT * FROM (SELECT id, topic, "key", headers, payload FROM choreo_outbox'
-        f"  WHERE {_SCHEDULED_DUE} ORDER BY +id LIMIT :limit) AS scheduled"
-        ") AS due ORDER BY id LIMIT :limit"
-    )
-    .bindparams(*_DUE_BINDS)
+_FETCH_DUE_HELD_SQLITE = _due_query(postgres=False, held=' AND ("key" IS NULL OR "key" NOT IN :held)')
+_HEADS = (
+    text('SELECT id, topic, "key", headers, payload FROM choreo_outbox WHERE published_at IS NULL AND id IN :heads')
+    .bindparams(bindparam("heads", expanding=True))
     .columns(*_RECORD_COLUMNS)
 )
 
@@ -166,8 +183,8 @@ async def write(session: AsyncSession, pending: Sequence[PendingEvent], now: dat
                 "event_type": p.envelope.event_type,
                 "event_version": p.envelope.event_version,
                 "saga_id": p.envelope.saga_id,
-                "headers": p.envelope.to_headers(),
-                "payload": p.event.model_dump_json().encode(),
+                "headers": p.headers,
+                "payload": p.payload,
                 "created_at": now,
                 "available_at": p.available_at,
             }
@@ -198,17 +215,46 @@ _WITHDRAW = text("DELETE FROM choreo_outbox WHERE event_id IN :event_ids AND pub
 )
 
 
+_DELETE = text("DELETE FROM choreo_outbox WHERE event_id IN :event_ids").bindparams(
+    bindparam("event_ids", expanding=True)
+)
+
+
+async def withdraw_any(session: AsyncSession, event_ids: Sequence[str]) -> None:
+    """Delete the rows of `event_ids`, published or not (to queue an event anew)."""
+    if event_ids:
+        await session.execute(_DELETE, {"event_ids": list(event_ids)})
+
+
 async def withdraw(session: AsyncSession, event_ids: Sequence[str]) -> None:
     """Delete scheduled events that have become moot, unless they are already published."""
     if event_ids:
         await session.execute(_WITHDRAW, {"event_ids": list(event_ids)})
 
 
-async def fetch_due(conn: AsyncConnection, now: datetime, limit: int) -> list[OutboxRecord]:
-    """The oldest unpublished rows that are due, in id (= publication) order."""
-    statement = _FETCH_DUE_POSTGRES if is_postgres(conn) else _FETCH_DUE_SQLITE
-    result = await conn.execute(statement, {"now": now, "limit": limit})
-    return [OutboxRecord(r.id, r.topic, r.key, r.headers, r.payload) for r in result]
+async def fetch_due(
+    conn: AsyncConnection,
+    now: datetime,
+    limit: int,
+    *,
+    held: Sequence[str] = (),
+    heads: Sequence[int] = (),
+) -> list[OutboxRecord]:
+    """The oldest unpublished rows that are due, in id (= publication) order.
+
+    Rows of the `held` keys are left out, except the unpublished rows among `heads` (ids).
+    """
+    postgres = is_postgres(conn)
+    if not held:
+        result = await conn.execute(
+            _FETCH_DUE_POSTGRES if postgres else _FETCH_DUE_SQLITE, {"now": now, "limit": limit}
+        )
+        return [OutboxRecord(r.id, r.topic, r.key, r.headers, r.payload) for r in result]
+    first = list((await conn.execute(_HEADS, {"heads": list(heads)})).all()) if heads else []
+    statement = _FETCH_DUE_HELD_POSTGRES if postgres else _FETCH_DUE_HELD_SQLITE
+    rest = await conn.execute(statement, {"now": now, "limit": max(0, limit - len(first)), "held": list(held)})
+    rows = sorted([*first, *rest], key=lambda r: int(r.id))
+    return [OutboxRecord(r.id, r.topic, r.key, r.headers, r.payload) for r in rows]
 
 
 async def backlog(conn: AsyncConnection, now: datetime) -> tuple[int, datetime | None]:
@@ -230,7 +276,7 @@ async def backlog(conn: AsyncConnection, now: datetime) -> tuple[int, datetime |
     return int(count), oldest
 
 
-async def mark_published(conn: AsyncConnection, ids: Sequence[int], now: datetime) -> None:
+async def mark_published(conn: AsyncConnection | AsyncSession, ids: Sequence[int], now: datetime) -> None:
     """Record that rows reached Kafka."""
     if ids:
         statement = _MARK_PUBLISHED_POSTGRES if is_postgres(conn) else _MARK_PUBLISHED_SQLITE

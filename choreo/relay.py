@@ -9,6 +9,12 @@ the lock every `standby_interval`. SQLite serves one process, whose single relay
 A leader that vanishes without closing its connection (host lost, network blackholed) is
 replaced within `takeover_timeout` (30 s by default, `CHOREO_RELAY_TAKEOVER_TIMEOUT`): see
 `_guard` for how, and for why the old leader cannot publish out of order meanwhile.
+
+A send that fails never lets a later row of its key overtake: the key is held back, its first
+unpublished row is sent alone (with backoff) until Kafka acknowledges it, and the key's other
+rows are not even read meanwhile, so they cannot fill the batches other keys need. A row Kafka
+refuses for good (too large, topic invalid or forbidden) is parked as a dead letter (reason
+`unpublishable`) and its key moves on.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from choreo import outbox
+from choreo import deadletters, outbox
 from choreo.database import NOTIFY_CHANNEL, is_postgres, is_transient
 from choreo.envelope import utcnow
+from choreo.exceptions import Unpublishable
 from choreo.outbox import OutboxRecord
 
 log = logging.getLogger("choreo.relay")
@@ -48,6 +55,8 @@ class RelayStats:
     published: int = 0
     batches: int = 0
     failures: int = 0
+    parked: int = 0
+    """Rows Kafka refused for good, parked as dead letters (reason `unpublishable`)."""
     is_leader: bool = False
     last_error: str | None = None
     wakeups: int = 0
@@ -94,6 +103,10 @@ class Relay:
         self.stats = RelayStats()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._failures = 0
+        """Consecutive failed attempts to lead, for the backoff; a publishing cycle resets it."""
+        self._held: dict[str, _Hold] = {}
+        """Keys a send of which failed: only their first row is sent, alone, until it succeeds."""
 
     def wake(self) -> None:
         """Publish soon: a transaction that wrote outbox rows has committed."""
@@ -114,7 +127,6 @@ class Relay:
 
     async def run(self) -> None:
         """Elect, publish while leader, and recover from any outage with backoff."""
-        failures = 0
         while True:
             try:
                 async with self.engine.connect() as conn:
@@ -144,14 +156,12 @@ class Relay:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                failures += 1
+                self._failures += 1
                 self.stats.failures += 1
                 self.stats.last_error = f"{type(error).__name__}: {error}"
                 level = logging.WARNING if is_transient(error) else logging.ERROR
                 log.log(level, "relay %s failed (%s); retrying", self.name, self.stats.last_error)
-                await asyncio.sleep(self._backoff(failures))
-            else:
-                failures = 0
+                await asyncio.sleep(self._backoff(self._failures))
 
     async def _guard(self, conn: AsyncConnection) -> None:
         """Bound how long a silent leader keeps the lock, and how long any statement can hang.
@@ -207,8 +217,10 @@ class Relay:
 
     async def _lead(self, conn: AsyncConnection) -> None:
         await self._listen(conn)
+        self._held.clear()  # another leader may have published since
         while True:
             published = await self.publish_once(conn)
+            self._failures = 0  # leading works again: the next outage starts its backoff afresh
             if published == self.batch_size:
                 continue  # a full batch: more rows are probably waiting
             # Woken by commits here or NOTIFY from elsewhere; the poll also picks up
@@ -216,21 +228,85 @@ class Relay:
             await self._sleep(self.poll_interval, linger=self.linger if published > 1 else 0.0)
 
     async def publish_once(self, conn: AsyncConnection) -> int:
-        """Publish one batch of due rows; returns how many were marked published."""
-        rows = await outbox.fetch_due(conn, utcnow(), self.batch_size)
+        """Publish one batch of due rows; returns how many were marked published or parked.
+
+        A failed send is retried, never skipped: the key is held (see `_Hold`) and its later
+        rows wait. A row Kafka refuses for good (`Unpublishable`) is parked as a dead letter
+        and the key moves on. Other keys are published meanwhile.
+        """
+        clock = asyncio.get_running_loop().time()
+        heads = [hold.head for hold in self._held.values() if hold.retry_at <= clock]
+        rows = await outbox.fetch_due(conn, utcnow(), self.batch_size, held=list(self._held), heads=heads)
         await conn.commit()
+        if heads:
+            fetched = {row.id for row in rows}
+            for key, hold in list(self._held.items()):
+                if hold.head in heads and hold.head not in fetched:
+                    del self._held[key]  # published, parked or withdrawn meanwhile
         if not rows:
             return 0
         outcomes = await self.publisher.publish(rows)
-        done = _publishable_prefix_per_key(rows, outcomes)
+        done, unpublishable, failed = _settle(rows, outcomes)
+        if unpublishable:
+            await self._park(unpublishable)
         await outbox.mark_published(conn, done, utcnow())
         await conn.commit()
         self.stats.published += len(done)
         self.stats.batches += 1
-        errors = [o for o in outcomes if o is not None]
-        if errors:
-            raise errors[0]
-        return len(done)
+        if self._held or unpublishable or failed:
+            self._hold_after(rows, done, unpublishable, failed, clock)
+        if failed:
+            self.stats.failures += 1
+            row, error = failed[0]
+            self.stats.last_error = f"{type(error).__name__}: {error}"
+            log.warning(
+                "relay %s: %d row(s) not published, e.g. %s (%s); retrying",
+                self.name,
+                len(failed),
+                row.id,
+                self.stats.last_error,
+            )
+        return len(done) + len(unpublishable)
+
+    def _hold_after(
+        self,
+        rows: Sequence[OutboxRecord],
+        done: Sequence[int],
+        unpublishable: Sequence[Failure],
+        failed: Sequence[Failure],
+        clock: float,
+    ) -> None:
+        published = set(done)
+        for row in rows:
+            if row.key is not None and row.id in published:
+                self._held.pop(row.key, None)
+        for row, _ in unpublishable:
+            if row.key is None:
+                continue
+            # The key's next row may already have been handed to the producer behind the
+            # parked one: it is sent alone next, like any row after a failure.
+            after = [r.id for r in rows if r.key == row.key and r.id > row.id]
+            if after:
+                self._held[row.key] = _Hold(head=after[0], failures=0, retry_at=clock)
+            else:
+                self._held.pop(row.key, None)
+        for row, _ in failed:
+            if row.key is None:
+                continue  # keyless rows have no order in Kafka (random partition): just retried
+            earlier = self._held.get(row.key)
+            failures = earlier.failures + 1 if earlier is not None and earlier.head == row.id else 1
+            self._held[row.key] = _Hold(head=row.id, failures=failures, retry_at=clock + self._backoff(failures))
+
+    async def _park(self, unpublishable: Sequence[Failure]) -> None:
+        # One transaction on a pooled connection: each letter is stored and its row taken off
+        # the queue together, so a row is neither lost nor parked twice.
+        async with AsyncSession(self.engine) as session, session.begin():
+            for row, error in unpublishable:
+                await deadletters.park_unpublishable(session, row, service=self.name, error=error, now=utcnow())
+        for row, error in unpublishable:
+            log.error("relay %s: parked outbox row %d as a dead letter: %s", self.name, row.id, error)
+        self.stats.parked += len(unpublishable)
+        self.wake()  # their copies wait on the dead-letter topic
 
     async def _listen(self, conn: AsyncConnection) -> None:
         # Rows committed by other processes (an HTTP worker, a script) wake us through
@@ -253,21 +329,46 @@ class Relay:
         self._wake.clear()
 
     def _backoff(self, failures: int) -> float:
-        ceiling = min(self.max_backoff, 0.05 * 2**failures)
+        # The exponent is capped: 2.0**1024 overflows a float, which would end the relay after
+        # about 1,000 failures in a row (some 80 minutes of outage at the default ceiling).
+        ceiling = min(self.max_backoff, 0.05 * 2 ** min(failures, 32))
         return random.uniform(ceiling / 2, ceiling)
 
 
-def _publishable_prefix_per_key(rows: Sequence[OutboxRecord], outcomes: Sequence[BaseException | None]) -> list[int]:
-    """Ids safe to mark published: acknowledged, and no earlier row of the same key failed.
+@dataclass
+class _Hold:
+    """A key whose send failed. Only its first unpublished row (`head`) is sent, alone and no
+    earlier than `retry_at`, until Kafka acknowledges it; its later rows are not even read,
+    so they can neither overtake it nor fill the batches that other keys need."""
 
-    A later row of a key whose earlier row failed stays unpublished too, so both are sent
-    again in order (consumers absorb the duplicate); marking it would let it overtake.
+    head: int
+    failures: int
+    retry_at: float
+
+
+Failure = tuple[OutboxRecord, BaseException]
+
+
+def _settle(
+    rows: Sequence[OutboxRecord], outcomes: Sequence[BaseException | None]
+) -> tuple[list[int], list[Failure], list[Failure]]:
+    """Sort a batch's outcomes: ids to mark published, rows to park, rows to retry.
+
+    Per key, rows count only up to its first failure: a later row of the key stays unpublished
+    even if acknowledged, so it is sent again after the failed one (consumers absorb the
+    duplicate); marking it would let it overtake. Keyless rows have no order to keep.
     """
-    failed_keys: set[str | None] = set()
+    failed_keys: set[str] = set()
     done: list[int] = []
+    unpublishable: list[Failure] = []
+    failed: list[Failure] = []
     for row, outcome in zip(rows, outcomes, strict=True):
-        if outcome is not None or row.key in failed_keys:
-            failed_keys.add(row.key)
-        else:
+        if row.key is not None and row.key in failed_keys:
+            continue
+        if outcome is None:
             done.append(row.id)
-    return done
+            continue
+        (unpublishable if isinstance(outcome, Unpublishable) else failed).append((row, outcome))
+        if row.key is not None:
+            failed_keys.add(row.key)
+    return done, unpublishable, failed

@@ -395,6 +395,7 @@ class Service:
                 handler=handler,
                 allowed=allowed,
                 sagas=self._saga_index,
+                max_record_size=self.transport.max_record_size,
             )
             yield tx
             # Written last, on the same session: business rows, inbox row and events

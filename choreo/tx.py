@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 from choreo import otel
 from choreo.envelope import Envelope, new_id, utcnow
 from choreo.events import Event, describe, is_event_type
-from choreo.exceptions import UndeclaredEmitError, UnitOfWorkError
+from choreo.exceptions import EventTooLarge, UndeclaredEmitError, UnitOfWorkError
+from choreo.kafka import DEFAULT_MAX_REQUEST_SIZE, record_size
 from choreo.outbox import PendingEvent
 from choreo.saga import SagaIndex
 
@@ -31,6 +32,7 @@ class Tx:
         handler: str | None = None,
         allowed: frozenset[type[Event]] | None = None,
         sagas: SagaIndex | None = None,
+        max_record_size: int = DEFAULT_MAX_REQUEST_SIZE,
     ) -> None:
         self.session = session
         self.service = service
@@ -39,6 +41,7 @@ class Tx:
         self.handler = handler
         self._allowed = allowed
         self._sagas = sagas or SagaIndex()
+        self._max_record_size = max_record_size
         self.withdrawn: list[str] = []
         """Event ids of scheduled timeouts this transaction makes moot (their sagas ended)."""
         self._pending: list[PendingEvent] = []
@@ -62,6 +65,7 @@ class Tx:
 
         `key` overrides the Kafka key (default: the event's key field, else the saga id).
         `at` or `delay` schedule it: the relay publishes it no earlier than that.
+        Raises `EventTooLarge` if Kafka's producer would refuse the record.
         """
         event_type = type(event)
         if not is_event_type(event_type):
@@ -87,7 +91,11 @@ class Tx:
             if not isinstance(timeout, saga.timeout_event or Event):
                 raise TypeError(f"saga {saga.name!r}: on_deadline returned {timeout!r}, not a {saga.timeout_event!r}")
             self._allowed = None if self._allowed is None else self._allowed | {type(timeout)}
-            self._queue(timeout, available_at=now + saga.deadline, now=now, event_id=saga.timeout_id(self.saga_id))
+            try:
+                self._queue(timeout, available_at=now + saga.deadline, now=now, event_id=saga.timeout_id(self.saga_id))
+            except EventTooLarge:
+                self._pending.pop()  # the start: a saga never starts without its timeout
+                raise
         for ended in self._sagas.ended_by.get(event_type, ()):
             # The saga ended here, in the service that scheduled its timeout: the timeout
             # would find nothing to do, so it is withdrawn in this same transaction.
@@ -115,13 +123,28 @@ class Tx:
             traceparent=otel.current_traceparent(),
             event_id=event_id or new_id(),
         )
+        key = key if key is not None else event.kafka_key(self.saga_id)
+        headers = envelope.to_headers()
+        payload = event.model_dump_json().encode()
+        # Refused here, where the author can still act, rather than by the producer later, when
+        # the row is committed and can only be parked as a dead letter. Counted exactly as the
+        # producer counts it (value, key, headers and record overhead).
+        size = record_size(key, payload, headers)
+        if size > self._max_record_size:
+            raise EventTooLarge(
+                f"{describe(event_type)} is {size} bytes as a Kafka record ({len(payload)} of JSON), over "
+                f"the producer's max_request_size of {self._max_record_size}; emit less data (e.g. a "
+                "reference to it) or raise max_request_size in the service's Kafka client_options"
+            )
         self._pending.append(
             PendingEvent(
                 event=event,
                 envelope=envelope,
                 topic=event_type.event_topic,
-                key=key if key is not None else event.kafka_key(self.saga_id),
+                key=key,
                 available_at=available_at,
+                headers=headers,
+                payload=payload,
             )
         )
         return envelope.event_id
