@@ -7,6 +7,7 @@ from choreo.events import Event, EventRegistry
 from choreo.exceptions import (
     ChoreoError,
     ConfigurationError,
+    KafkaSecurityError,
     RejectedRecord,
     RelayError,
     SetupError,
@@ -27,6 +28,7 @@ __all__ = [
     "Envelope",
     "Event",
     "EventRegistry",
+    "KafkaSecurityError",
     "KafkaSettings",
     "RejectedRecord",
     "Relay",

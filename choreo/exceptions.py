@@ -6,7 +6,8 @@ ChoreoError
 ├── UndeclaredEmitError (also TypeError) a handler emitted an event it did not declare
 ├── UnitOfWorkError (also RuntimeError)  code inside a unit of work committed or rolled back its session
 ├── RejectedRecord                       a consumed record can never be processed (dead letter)
-└── RelayError                           the relay cannot publish (retried, never raised to users)
+├── RelayError                           the relay cannot publish (retried, never raised to users)
+└── KafkaSecurityError                   the broker refused the connection's TLS or SASL settings
 """
 
 from __future__ import annotations
@@ -43,3 +44,7 @@ class RejectedRecord(ChoreoError):
 
 class RelayError(ChoreoError):
     """Publishing outbox rows failed; the relay retries with backoff."""
+
+
+class KafkaSecurityError(ChoreoError):
+    """A Kafka broker refused the TLS or SASL settings (login, certificate, protocol); the message names the fix."""

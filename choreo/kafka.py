@@ -5,14 +5,19 @@ Everything else in choreo sees `Record` (a consumed record) and `KafkaTransport.
 Against a broker, choreo drives aiokafka's producer and consumer itself: the relay hands over
 whole batches and the consumer needs raw records, control over offset commits and a hand-over
 on rebalance, so FastStream's per-message pipeline would only add cost (twice the CPU and three
-times the latency per published batch, measured). FastStream provides the security settings
-and, for tests, its in-memory broker (`route_in_memory`).
+times the latency per published batch, measured). FastStream provides, for tests, its
+in-memory broker (`route_in_memory`).
+
+Every client choreo creates (producer, consumers, admin) gets the same security options
+(`security_for`) and the `client_options` it accepts (`options_for`), and is started through
+`_start`, which turns a refused handshake or login into one `KafkaSecurityError` line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -20,13 +25,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.abc import AbstractTokenProvider
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import ConsumerStoppedError, IllegalStateError, KafkaError, TopicAlreadyExistsError
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    ConsumerStoppedError,
+    IllegalSaslStateError,
+    IllegalStateError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
+)
+from aiokafka.protocol.metadata import MetadataRequest
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
-from faststream.kafka.security import parse_security
-from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
+from choreo.exceptions import ConfigurationError, KafkaSecurityError
 from choreo.outbox import OutboxRecord
 from choreo.settings import KafkaSettings
 
@@ -51,23 +66,224 @@ OnRecord = Callable[[Record], Awaitable[None]]
 OnBatch = Callable[[list[Record]], Awaitable[None]]
 
 
-def security_for(settings: KafkaSettings) -> BaseSecurity | None:
-    """FastStream's security object for the configured protocol."""
-    use_ssl = settings.security_protocol.endswith("SSL")
-    context = ssl.create_default_context() if use_ssl else None
+def security_for(settings: KafkaSettings) -> dict[str, Any]:
+    """aiokafka's security keyword arguments for the configured protocol, the same for every client."""
+    options: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    if settings.security_protocol.endswith("SSL") and "ssl_context" not in settings.client_options:
+        options["ssl_context"] = ssl_context(settings)
     if settings.security_protocol.startswith("SASL"):
-        credentials = {"username": settings.sasl_username or "", "password": settings.sasl_password or ""}
-        sasl = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512}
-        return sasl[settings.sasl_mechanism or "PLAIN"](ssl_context=context, use_ssl=use_ssl, **credentials)
-    if use_ssl:
-        return BaseSecurity(ssl_context=context, use_ssl=True)
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        if settings.sasl_mechanism == "OAUTHBEARER":
+            options["sasl_oauth_token_provider"] = _TokenProvider(settings.oauth_token_provider)
+        else:
+            options["sasl_plain_username"] = settings.sasl_username
+            options["sasl_plain_password"] = settings.sasl_password
+    return options
+
+
+def ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
+    """The TLS context: trust `ssl_cafile` (else the system's CAs), present the client certificate if any."""
+    try:
+        context = ssl.create_default_context(cafile=settings.ssl_cafile)
+    except OSError as error:  # ssl.SSLError is an OSError too
+        raise ConfigurationError(f"CHOREO_KAFKA_SSL_CAFILE={settings.ssl_cafile!r} cannot be read: {error}") from None
+    context.check_hostname = settings.ssl_check_hostname
+    if settings.ssl_certfile:
+        try:
+            # A password of "" rather than None: None makes OpenSSL prompt on the terminal.
+            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile, settings.ssl_key_password or "")
+        except OSError as error:
+            raise ConfigurationError(
+                f"CHOREO_KAFKA_SSL_CERTFILE={settings.ssl_certfile!r} with CHOREO_KAFKA_SSL_KEYFILE="
+                f"{settings.ssl_keyfile!r} cannot be loaded ({error}); an encrypted key needs "
+                "CHOREO_KAFKA_SSL_KEY_PASSWORD"
+            ) from None
+    return context
+
+
+class _TokenProvider(AbstractTokenProvider):  # type: ignore[misc]
+    """Any object with `token()` as the `AbstractTokenProvider` aiokafka insists on (it checks the type)."""
+
+    def __init__(self, provider: Any) -> None:
+        self.provider = provider
+
+    async def token(self) -> str:
+        try:
+            token = self.provider.token()
+            return str(await token if inspect.isawaitable(token) else token)
+        except Exception as error:
+            raise KafkaSecurityError(
+                f"the OAUTHBEARER token provider {self.provider!r} failed: {type(error).__name__}: {error}"
+            ) from error
+
+    def extensions(self) -> dict[str, str]:
+        extensions = getattr(self.provider, "extensions", None)
+        return dict(extensions()) if callable(extensions) else {}
+
+
+# Set by choreo for its guarantees (acks, idempotence, manual commits) or from KafkaSettings fields.
+_CHOREO_OPTIONS = frozenset(
+    {"bootstrap_servers", "client_id", "group_id", "acks", "enable_idempotence", "enable_auto_commit"}
+    | {"auto_offset_reset", "fetch_max_wait_ms", "max_poll_records", "topics", "loop"}
+)
+_CLIENTS = (AIOKafkaProducer, AIOKafkaConsumer, AIOKafkaAdminClient)
+
+
+def check_client_options(settings: KafkaSettings) -> None:
+    """Refuse `client_options` that no client accepts or that choreo sets itself."""
+    owned = sorted(_CHOREO_OPTIONS & settings.client_options.keys())
+    if owned:
+        raise ConfigurationError(
+            f"KafkaSettings.client_options cannot set {', '.join(owned)}: choreo sets them, from "
+            "KafkaSettings fields or to keep its delivery guarantees"
+        )
+    known = {name for client in _CLIENTS for name in inspect.signature(client).parameters}
+    unknown = sorted(settings.client_options.keys() - known)
+    if unknown:
+        raise ConfigurationError(
+            f"KafkaSettings.client_options has {', '.join(unknown)}, which no aiokafka client accepts"
+        )
+
+
+def options_for(client: Callable[..., Any], settings: KafkaSettings, security: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments every choreo client of this type gets: address, security, accepted `client_options`."""
+    accepted = inspect.signature(client).parameters
+    options = {"bootstrap_servers": settings.bootstrap_servers, **security, **settings.client_options}
+    return {name: value for name, value in options.items() if name in accepted}
+
+
+async def _start(client: Any, settings: KafkaSettings, options: dict[str, Any]) -> None:
+    """Start an aiokafka client; a security mismatch becomes one `KafkaSecurityError` line.
+
+    aiokafka logs why each bootstrap server failed and raises only "Unable to bootstrap", so
+    on failure one more connection, made by hand with the same options, finds the reason.
+    """
+    try:
+        await client.start()
+    except KafkaError as error:
+        with contextlib.suppress(Exception):
+            await (client.close() if isinstance(client, AIOKafkaAdminClient) else client.stop())
+        reason = await diagnose(settings, options)
+        if reason is None:
+            raise
+        raise KafkaSecurityError(reason) from error
+
+
+_PROBE_TIMEOUT = 5.0
+
+
+async def diagnose(settings: KafkaSettings, options: dict[str, Any]) -> str | None:
+    """Why the brokers refuse a connection made with `options`, naming the fix; None if no security reason."""
+    accepted = inspect.signature(create_conn).parameters
+    connection = {name: value for name, value in options.items() if name in accepted and name != "bootstrap_servers"}
+    for server in settings.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        connected = False
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT):
+                conn = await create_conn(host, int(port), **connection)
+                connected = True  # the broker answered ApiVersions
+                try:
+                    await conn.send(MetadataRequest([]))
+                finally:
+                    conn.close()
+        except Exception as error:
+            reason = await _explain(error, host, int(port), connected, settings, options)
+            if reason is not None:
+                return reason
     return None
+
+
+async def _explain(
+    error: BaseException, host: str, port: int, connected: bool, settings: KafkaSettings, options: dict[str, Any]
+) -> str | None:
+    address = f"{host}:{port}"
+    protocol, mechanism = options.get("security_protocol", "PLAINTEXT"), options.get("sasl_mechanism")
+    if isinstance(error, KafkaSecurityError):  # from the token provider
+        return str(error)
+    if isinstance(error, SaslAuthenticationFailed):
+        said = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)  # the broker's reason
+        if mechanism == "OAUTHBEARER":
+            return (
+                f"authentication with OAUTHBEARER failed at {address}: {said}; check the token of "
+                "CHOREO_KAFKA_SASL_OAUTH_TOKEN_PROVIDER"
+            )
+        return (
+            f"authentication as {options.get('sasl_plain_username')!r} with {mechanism} failed at {address}: "
+            f"{said}; check CHOREO_KAFKA_SASL_USERNAME/PASSWORD"
+        )
+    if isinstance(error, UnsupportedSaslMechanismError):
+        return f"the listener at {address} does not enable SASL mechanism {mechanism}: set CHOREO_KAFKA_SASL_MECHANISM"
+    # aiokafka reports a connection the broker (or TLS) closed as KafkaConnectionError from the cause.
+    cause = error.__cause__ if isinstance(error, KafkaError) and error.__cause__ is not None else error
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        if "mismatch" in (cause.verify_message or ""):
+            return (
+                f"the certificate of the broker at {address} is not valid for {host!r} ({cause.verify_message}): "
+                "connect through a name it lists, or set CHOREO_KAFKA_SSL_CHECK_HOSTNAME=false"
+            )
+        return (
+            f"the certificate of the broker at {address} is not trusted ({cause.verify_message}): "
+            "set CHOREO_KAFKA_SSL_CAFILE to the CA that signed the broker's certificate"
+        )
+    if isinstance(cause, ssl.SSLError) and "ALERT" in (cause.reason or ""):
+        if settings.ssl_certfile is None and "ssl_context" not in settings.client_options:
+            return (
+                f"the broker at {address} refused the TLS handshake ({cause.reason}): it probably requires a "
+                "client certificate; set CHOREO_KAFKA_SSL_CERTFILE and CHOREO_KAFKA_SSL_KEYFILE"
+            )
+        return (
+            f"the broker at {address} rejected the client certificate ({cause.reason}): it must be signed "
+            "by a CA the broker trusts (its ssl.truststore)"
+        )
+    tls = await _speaks_tls(host, port)
+    if tls is None:
+        return None  # unreachable: not a security problem
+    sasl = protocol.startswith("SASL")
+    if tls and not protocol.endswith("SSL"):
+        return f"the listener at {address} speaks TLS: set CHOREO_KAFKA_SECURITY_PROTOCOL=SSL or SASL_SSL"
+    if not tls and protocol.endswith("SSL"):
+        return (
+            f"the listener at {address} does not speak TLS: set CHOREO_KAFKA_SECURITY_PROTOCOL=PLAINTEXT "
+            "or SASL_PLAINTEXT"
+        )
+    if isinstance(error, IllegalSaslStateError):
+        fix = "SSL" if tls else "PLAINTEXT"
+        return f"the listener at {address} does not use SASL: set CHOREO_KAFKA_SECURITY_PROTOCOL={fix}"
+    if connected and not sasl:
+        # A SASL listener answers ApiVersions before authentication, then closes on anything else.
+        fix = "SASL_SSL" if tls else "SASL_PLAINTEXT"
+        return (
+            f"the listener at {address} closed the connection after the handshake: it probably expects SASL; "
+            f"set CHOREO_KAFKA_SECURITY_PROTOCOL={fix} and CHOREO_KAFKA_SASL_MECHANISM"
+        )
+    return None
+
+
+async def _speaks_tls(host: str, port: int) -> bool | None:
+    """Whether the listener answers a TLS handshake; None when nothing listens there."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only the protocol matters here, not whom we talk to
+    for use_tls in (False, True):
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT):
+                _, writer = await asyncio.open_connection(host, port, ssl=context if use_tls else None)
+        except ssl.SSLError as error:
+            return "ALERT" in (error.reason or "")  # a TLS alert is TLS refusing us
+        except (OSError, TimeoutError):
+            return False if use_tls else None
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    return True
 
 
 class KafkaTransport:
     """One service's connection to Kafka: its consumer group and its producer."""
 
     def __init__(self, settings: KafkaSettings, *, client_id: str) -> None:
+        check_client_options(settings)
         self.settings = settings
         self._security = security_for(settings)
         self.client_id = client_id
@@ -157,8 +373,9 @@ class KafkaTransport:
         names = sorted({self.settings.topic_prefix + topic for topic in topics})
         if not names:
             return
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers, **parse_security(self._security))
-        await admin.start()
+        options = {"client_id": self.client_id, **options_for(AIOKafkaAdminClient, self.settings, self._security)}
+        admin = AIOKafkaAdminClient(**options)
+        await _start(admin, self.settings, options)
         try:
             existing = set(await admin.list_topics())
             missing = [name for name in names if name not in existing]
@@ -174,15 +391,11 @@ class KafkaTransport:
 
     async def start(self) -> None:
         """Connect the producer and start the consumers."""
+        options = options_for(AIOKafkaProducer, self.settings, self._security)
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            client_id=self.client_id,
-            enable_idempotence=self.settings.idempotence,
-            acks="all",
-            **parse_security(self._security),
-            **self.settings.client_options,
+            client_id=self.client_id, enable_idempotence=self.settings.idempotence, acks="all", **options
         )
-        await producer.start()
+        await _start(producer, self.settings, options)
         self._producer = producer
         for member in self._members:
             await member.start()
@@ -286,21 +499,21 @@ class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def start(self) -> None:
         settings = self.transport.settings
+        options = options_for(AIOKafkaConsumer, settings, self.transport._security)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
             group_id=self.group_id,
             client_id=self.transport.client_id,
             enable_auto_commit=False,
             auto_offset_reset=settings.auto_offset_reset,
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
-            **parse_security(self.transport._security),
+            **options,
         )
         consumer.subscribe(list(self.topics), listener=self)
         # `start()` returns only once the group assigned partitions, so the listener needs
         # the consumer before that.
         self.consumer = consumer
         try:
-            await consumer.start()
+            await _start(consumer, settings, options)
         except BaseException:
             self.consumer = None
             raise
