@@ -160,27 +160,28 @@ async def _start(client: Any, settings: KafkaSettings, options: dict[str, Any]) 
     """
     try:
         await client.start()
-    except KafkaError as error:
+    except Exception as error:
         with contextlib.suppress(Exception):
             await (client.close() if isinstance(client, AIOKafkaAdminClient) else client.stop())
-        reason = await diagnose(settings, options)
-        if reason is None:
-            raise
-        raise KafkaSecurityError(reason) from error
+        if isinstance(error, KafkaError) and (reason := await diagnose(settings, options)):
+            raise KafkaSecurityError(reason) from error
+        raise
 
 
 _PROBE_TIMEOUT = 5.0
+"""Seconds a diagnosing connection may take, at most (less if `request_timeout_ms` is shorter)."""
 
 
 async def diagnose(settings: KafkaSettings, options: dict[str, Any]) -> str | None:
     """Why the brokers refuse a connection made with `options`, naming the fix; None if no security reason."""
     accepted = inspect.signature(create_conn).parameters
     connection = {name: value for name, value in options.items() if name in accepted and name != "bootstrap_servers"}
+    timeout = min(_PROBE_TIMEOUT, options.get("request_timeout_ms", 40_000) / 1000)
     for server in settings.bootstrap_servers.split(","):
         host, _, port = server.strip().rpartition(":")
         connected = False
         try:
-            async with asyncio.timeout(_PROBE_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 conn = await create_conn(host, int(port), **connection)
                 connected = True  # the broker answered ApiVersions
                 try:
@@ -188,19 +189,27 @@ async def diagnose(settings: KafkaSettings, options: dict[str, Any]) -> str | No
                 finally:
                     conn.close()
         except Exception as error:
-            reason = await _explain(error, host, int(port), connected, settings, options)
+            reason = await _explain(error, host, int(port), connected, settings, options, timeout)
             if reason is not None:
                 return reason
     return None
 
 
 async def _explain(
-    error: BaseException, host: str, port: int, connected: bool, settings: KafkaSettings, options: dict[str, Any]
+    error: BaseException,
+    host: str,
+    port: int,
+    connected: bool,
+    settings: KafkaSettings,
+    options: dict[str, Any],
+    timeout: float,
 ) -> str | None:
     address = f"{host}:{port}"
     protocol, mechanism = options.get("security_protocol", "PLAINTEXT"), options.get("sasl_mechanism")
     if isinstance(error, KafkaSecurityError):  # from the token provider
         return str(error)
+    if isinstance(error, TimeoutError):
+        return None  # a slow or paused broker says nothing about security
     if isinstance(error, SaslAuthenticationFailed):
         said = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)  # the broker's reason
         if mechanism == "OAUTHBEARER":
@@ -236,7 +245,7 @@ async def _explain(
             f"the broker at {address} rejected the client certificate ({cause.reason}): it must be signed "
             "by a CA the broker trusts (its ssl.truststore)"
         )
-    tls = await _speaks_tls(host, port)
+    tls = await _speaks_tls(host, port, timeout)
     if tls is None:
         return None  # unreachable: not a security problem
     sasl = protocol.startswith("SASL")
@@ -260,18 +269,20 @@ async def _explain(
     return None
 
 
-async def _speaks_tls(host: str, port: int) -> bool | None:
+async def _speaks_tls(host: str, port: int, timeout: float) -> bool | None:
     """Whether the listener answers a TLS handshake; None when nothing listens there."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # only the protocol matters here, not whom we talk to
     for use_tls in (False, True):
         try:
-            async with asyncio.timeout(_PROBE_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 _, writer = await asyncio.open_connection(host, port, ssl=context if use_tls else None)
         except ssl.SSLError as error:
             return "ALERT" in (error.reason or "")  # a TLS alert is TLS refusing us
-        except (OSError, TimeoutError):
+        except TimeoutError:  # before OSError, its base class: silence proves nothing
+            return None
+        except OSError:
             return False if use_tls else None
         writer.close()
         with contextlib.suppress(Exception):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from typer.testing import CliRunner
 
 from choreo import ConfigurationError, KafkaSecurityError, KafkaSettings
@@ -360,6 +361,41 @@ async def test_no_client_certificate_names_the_certfile_setting(secured: ApacheK
     message = one_line(await start_each_client(KafkaSettings(**{**vars(settings), "ssl_check_hostname": False})))
     assert message.startswith(f"the broker at {secured.address('MTLS')} refused the TLS handshake")
     assert message.endswith("set CHOREO_KAFKA_SSL_CERTFILE and CHOREO_KAFKA_SSL_KEYFILE")
+
+
+class NoCredentials:
+    async def token(self) -> str:
+        raise RuntimeError("no AWS credentials found")
+
+
+@infra
+async def test_a_failing_token_provider_is_one_line_naming_it(secured: ApacheKafka) -> None:
+    settings = KafkaSettings(
+        bootstrap_servers=secured.address("OAUTH"),
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="OAUTHBEARER",
+        oauth_token_provider=NoCredentials(),
+    )
+    message = one_line(await start_each_client(settings))
+    assert message.startswith("the OAUTHBEARER token provider <tests.test_kafka_security.NoCredentials object")
+    assert message.endswith("failed: RuntimeError: no AWS credentials found")
+
+
+@infra
+async def test_a_paused_broker_is_not_reported_as_a_security_problem(secured: ApacheKafka, pki: Pki) -> None:
+    settings = KafkaSettings(
+        bootstrap_servers=secured.address("MTLS"),
+        security_protocol="SSL",
+        ssl_cafile=str(pki.ca),
+        ssl_check_hostname=False,
+        client_options={"request_timeout_ms": 1000},
+    )
+    secured.pause()  # connections are accepted, and then nothing answers: not "does not speak TLS"
+    try:
+        errors = await start_each_client(settings)
+    finally:
+        secured.resume()
+    assert [type(error) for error in errors] == [KafkaConnectionError] * 3, errors
 
 
 @infra
