@@ -42,10 +42,9 @@ KEY_PASSWORD = "client-key-secret"
 
 @dataclass(frozen=True)
 class Pki:
-    """Files of the test's private CA, the broker's keystores and a client certificate."""
+    """The test's private CA, the broker's keystores and a client certificate."""
 
     ca: Path
-    ca_key: Path
     broker: Path
     """Key and certificate for 127.0.0.1 and localhost (a PEM keystore)."""
     internal: Path
@@ -96,7 +95,6 @@ def make_pki(directory: Path) -> Pki:
     )
     return Pki(
         ca=directory / "ca.pem",
-        ca_key=directory / "ca.key",
         broker=directory / "broker-keystore.pem",
         internal=directory / "internal-keystore.pem",
         client_cert=directory / "client.pem",
