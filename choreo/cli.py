@@ -531,8 +531,12 @@ def collect(
     collector = TraceCollector(services, db or default_database_url(), kafka=bootstrap_servers, group_id=group)
     settings: KafkaSettings = collector.kafka_settings()
 
+    started = False
+
     async def start() -> None:
+        nonlocal started
         await collector.start()
+        started = True
         typer.echo(
             f"collecting {len(collector.topics)} topics of {', '.join(s.name for s in services)} from "
             f"{settings.bootstrap_servers} into {collector.store!r} (group {group}); Ctrl-C to stop"
@@ -540,6 +544,8 @@ def collect(
 
     async def stop() -> None:
         await collector.stop()
+        if not started:
+            return  # the error that stopped `start()` is the only line to show
         stats = collector.stats
         typer.echo(
             f"stopped: {stats.indexed} events and {stats.dead_letters} dead letters indexed, "

@@ -9,6 +9,7 @@ ChoreoError
 ├── RejectedRecord                       a consumed record can never be processed (dead letter)
 ├── HandlerFailed                        (internal) an exception out of handler code, whatever its type
 ├── DependencyUnavailable                the database or Kafka did not answer within the start timeout
+│   └── KafkaSecurityError               the broker refused the connection's TLS or SASL settings
 └── RelayError                           the relay cannot publish (retried, never raised to users)
     ├── NotSent                          held back behind a failed row of its key (retried)
     └── Unpublishable                    Kafka refuses an outbox row for good (dead letter)
@@ -61,6 +62,10 @@ class HandlerFailed(ChoreoError):
 
 class DependencyUnavailable(ChoreoError):
     """The database or Kafka stayed unreachable for the whole start timeout (`CHOREO_START_TIMEOUT`)."""
+
+
+class KafkaSecurityError(DependencyUnavailable):
+    """A Kafka broker refused the TLS or SASL settings (login, certificate, protocol); the message names the fix."""
 
 
 class RelayError(ChoreoError):

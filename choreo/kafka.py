@@ -1,12 +1,16 @@
-"""The Kafka transport: the only module that talks to FastStream and aiokafka.
+"""The Kafka transport: the only module that talks to FastStream, and with `choreo.security` to aiokafka.
 
 Everything else in choreo sees `Record` (a consumed record) and `KafkaTransport.publish`.
 
 Against a broker, choreo drives aiokafka's producer and consumer itself: the relay hands over
 whole batches and the consumer needs raw records, control over offset commits and a hand-over
 on rebalance, so FastStream's per-message pipeline would only add cost (twice the CPU and three
-times the latency per published batch, measured). FastStream provides the security settings
-and, for tests, its in-memory broker (`route_in_memory`).
+times the latency per published batch, measured). FastStream provides, for tests, its
+in-memory broker (`route_in_memory`).
+
+Every client choreo creates (producer, consumers, admin) is built and started through
+`choreo.security`: the same TLS and SASL options for all, and one line naming the fix when the
+broker refuses them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +38,10 @@ from aiokafka.errors import (
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
-from faststream.kafka.security import parse_security
-from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
 from choreo.exceptions import NotSent, Unpublishable
 from choreo.outbox import OutboxRecord
+from choreo.security import check_client_options, options_for, security_for, start_client
 from choreo.settings import KafkaSettings
 
 log = logging.getLogger("choreo.kafka")
@@ -95,23 +97,11 @@ OnRecord = Callable[[Record], Awaitable[None]]
 OnBatch = Callable[[list[Record]], Awaitable[None]]
 
 
-def security_for(settings: KafkaSettings) -> BaseSecurity | None:
-    """FastStream's security object for the configured protocol."""
-    use_ssl = settings.security_protocol.endswith("SSL")
-    context = ssl.create_default_context() if use_ssl else None
-    if settings.security_protocol.startswith("SASL"):
-        credentials = {"username": settings.sasl_username or "", "password": settings.sasl_password or ""}
-        sasl = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512}
-        return sasl[settings.sasl_mechanism or "PLAIN"](ssl_context=context, use_ssl=use_ssl, **credentials)
-    if use_ssl:
-        return BaseSecurity(ssl_context=context, use_ssl=True)
-    return None
-
-
 class KafkaTransport:
     """One service's connection to Kafka: its consumer group and its producer."""
 
     def __init__(self, settings: KafkaSettings, *, client_id: str) -> None:
+        check_client_options(settings)
         self.settings = settings
         self._security = security_for(settings)
         self.client_id = client_id
@@ -201,8 +191,9 @@ class KafkaTransport:
         names = sorted({self.settings.topic_prefix + topic for topic in topics})
         if not names:
             return
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers, **parse_security(self._security))
-        await admin.start()
+        options = {"client_id": self.client_id, **options_for(AIOKafkaAdminClient, self.settings, self._security)}
+        admin = AIOKafkaAdminClient(**options)
+        await start_client(admin, self.settings, options)
         try:
             existing = set(await admin.list_topics())
             missing = [name for name in names if name not in existing]
@@ -219,20 +210,17 @@ class KafkaTransport:
     producer_type: Callable[..., AIOKafkaProducer] = AIOKafkaProducer
     """What builds the producer: a test may put a fault-injecting subclass here."""
 
-    def _make_producer(self) -> AIOKafkaProducer:
-        return self.producer_type(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            client_id=self.client_id,
-            enable_idempotence=self.settings.idempotence,
-            acks="all",
-            **parse_security(self._security),
-            **self.settings.client_options,
+    def _make_producer(self) -> tuple[AIOKafkaProducer, dict[str, Any]]:
+        options = options_for(AIOKafkaProducer, self.settings, self._security)
+        producer = self.producer_type(
+            client_id=self.client_id, enable_idempotence=self.settings.idempotence, acks="all", **options
         )
+        return producer, options
 
     async def start(self) -> None:
         """Connect the producer and start the consumers."""
-        producer = self._make_producer()
-        await producer.start()
+        producer, options = self._make_producer()
+        await start_client(producer, self.settings, options)
         self._producer = producer
         for member in self._members:
             await member.start()
@@ -327,8 +315,8 @@ class KafkaTransport:
         old, self._producer = self._producer, None
         with contextlib.suppress(Exception):
             await old.stop()
-        producer = self._make_producer()
-        await producer.start()
+        producer, options = self._make_producer()
+        await start_client(producer, self.settings, options)
         self._producer = producer
 
     async def _publish_in_memory(
@@ -393,21 +381,21 @@ class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def start(self) -> None:
         settings = self.transport.settings
+        options = options_for(AIOKafkaConsumer, settings, self.transport._security)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
             group_id=self.group_id,
             client_id=self.transport.client_id,
             enable_auto_commit=False,
             auto_offset_reset=settings.auto_offset_reset,
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
-            **parse_security(self.transport._security),
+            **options,
         )
         consumer.subscribe(list(self.topics), listener=self)
         # `start()` returns only once the group assigned partitions, so the listener needs
         # the consumer before that.
         self.consumer = consumer
         try:
-            await consumer.start()
+            await start_client(consumer, settings, options)
         except BaseException:
             self.consumer = None
             raise

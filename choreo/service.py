@@ -432,6 +432,8 @@ async def wait_for_dependency(
     for tries in itertools.count():
         try:
             return await attempt()
+        except DependencyUnavailable:
+            raise  # already one line that names the fix (e.g. a TLS or SASL refusal)
         except Exception as error:
             kind, first_line = type(error).__name__, next(iter(str(error).strip().splitlines()), "")
             reason = first_line if first_line.startswith(kind) else f"{kind}: {first_line}"

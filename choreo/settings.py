@@ -8,6 +8,7 @@ Lookup order for each setting: the `Service(...)` argument, then `CHOREO_<SERVIC
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from choreo.cleanup import Retention
 from choreo.exceptions import ConfigurationError
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 OFFSET_RESETS = ("earliest", "latest")
 
 
@@ -86,6 +87,17 @@ class KafkaSettings:
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: str | None = field(default=None, repr=False)
+    oauth_token_provider: Any = None
+    """For OAUTHBEARER: an object with `async def token() -> str` (aiokafka's
+    `AbstractTokenProvider`), e.g. `MSKAuthTokenProvider`-backed; asked at every connection."""
+    ssl_cafile: str | None = None
+    """PEM file of the CA(s) that signed the broker's certificate; None trusts the system's CAs."""
+    ssl_certfile: str | None = None
+    """PEM client certificate (chain) for mutual TLS; `ssl_keyfile` holds its key unless this file does."""
+    ssl_keyfile: str | None = None
+    ssl_key_password: str | None = field(default=None, repr=False)
+    ssl_check_hostname: bool = True
+    """False accepts a broker certificate for another name (the chain is still verified)."""
     max_poll_records: int = 500
     """Records handed to the consumer per poll."""
     commit_interval_ms: int = 100
@@ -102,7 +114,9 @@ class KafkaSettings:
     """Prepended to every consumer group id; None means the topic prefix, so that environments
     sharing a cluster never share (and rebalance) a consumer group."""
     client_options: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for aiokafka's producer (e.g. `linger_ms`, `compression_type`)."""
+    """Extra keyword arguments for aiokafka's clients, each given to every client that accepts it:
+    `ssl_context` or `request_timeout_ms` reach the producer, the consumers and the admin client,
+    `linger_ms` only the producer. They win over what choreo derives from the other fields."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> KafkaSettings:
@@ -117,6 +131,11 @@ class KafkaSettings:
         prefix = lookup("KAFKA_TOPIC_PREFIX", service, env)
         group_prefix = lookup("KAFKA_GROUP_PREFIX", service, env)
         reset = lookup("KAFKA_AUTO_OFFSET_RESET", service, env)
+        provider = lookup("KAFKA_SASL_OAUTH_TOKEN_PROVIDER", service, env)
+        ssl_files = {
+            name: found[1] if (found := lookup(f"KAFKA_SSL_{name.upper()}", service, env)) else None
+            for name in ("cafile", "certfile", "keyfile", "key_password")
+        }
         settings = cls(
             bootstrap_servers=servers[1] if servers else cls.bootstrap_servers,
             fetch_max_wait_ms=_int("KAFKA_FETCH_MAX_WAIT_MS", service, env, 500, 0),
@@ -130,6 +149,12 @@ class KafkaSettings:
             sasl_mechanism=mechanism[1].upper() if mechanism else None,
             sasl_username=username[1] if username else None,
             sasl_password=password[1] if password else None,
+            oauth_token_provider=token_provider(*provider) if provider else None,
+            ssl_cafile=ssl_files["cafile"],
+            ssl_certfile=ssl_files["certfile"],
+            ssl_keyfile=ssl_files["keyfile"],
+            ssl_key_password=ssl_files["key_password"],
+            ssl_check_hostname=_bool("KAFKA_SSL_CHECK_HOSTNAME", service, env, True),
             topic_prefix=prefix[1] if prefix else "",
             group_prefix=group_prefix[1] if group_prefix else None,
         )
@@ -166,10 +191,50 @@ class KafkaSettings:
                     f"{self.security_protocol} needs CHOREO_KAFKA_SASL_MECHANISM, one of "
                     f"{', '.join(SASL_MECHANISMS)} (got {self.sasl_mechanism!r})"
                 )
-            if not self.sasl_username or not self.sasl_password:
+            if self.sasl_mechanism == "OAUTHBEARER":
+                if not callable(getattr(self.oauth_token_provider, "token", None)):
+                    raise ConfigurationError(
+                        "OAUTHBEARER needs a token provider: set CHOREO_KAFKA_SASL_OAUTH_TOKEN_PROVIDER="
+                        "package.module:name or pass KafkaSettings(oauth_token_provider=...), an object "
+                        "with `async def token() -> str`"
+                    )
+            elif not self.sasl_username or not self.sasl_password:
                 raise ConfigurationError(
                     f"{self.security_protocol} needs CHOREO_KAFKA_SASL_USERNAME and CHOREO_KAFKA_SASL_PASSWORD"
                 )
+        tls = {"CAFILE": self.ssl_cafile, "CERTFILE": self.ssl_certfile, "KEYFILE": self.ssl_keyfile}
+        if not self.security_protocol.endswith("SSL"):
+            for name, value in tls.items():
+                if value:
+                    raise ConfigurationError(
+                        f"CHOREO_KAFKA_SSL_{name} is set but CHOREO_KAFKA_SECURITY_PROTOCOL="
+                        f"{self.security_protocol}: set it to SSL or SASL_SSL to connect with TLS"
+                    )
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ConfigurationError("CHOREO_KAFKA_SSL_KEYFILE needs CHOREO_KAFKA_SSL_CERTFILE, its certificate")
+
+
+def token_provider(variable: str, path: str) -> Any:
+    """The OAUTHBEARER token provider named by `path` (`package.module:name`), called if callable."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"{variable}={path!r} must be package.module:name (a class or function)")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as error:
+        raise ConfigurationError(f"{variable}={path!r} cannot be imported: {error}") from None
+    provider = target
+    # A class or a factory function is called once; an object with `token()` is used as is.
+    if isinstance(target, type) or (callable(target) and not callable(getattr(target, "token", None))):
+        try:
+            provider = target()
+        except Exception as error:
+            raise ConfigurationError(f"{variable}={path!r} failed: {type(error).__name__}: {error}") from None
+    if not callable(getattr(provider, "token", None)):
+        raise ConfigurationError(f"{variable}={path!r} gave {provider!r}, which has no `token()` method")
+    return provider
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

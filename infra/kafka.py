@@ -13,6 +13,14 @@ Library use::
         kafka.pause(); kafka.resume()  # SIGSTOP / SIGCONT, for failure drills
         kafka.restart()  # stop and start on the same ports, keeping the log directory
 
+    # Secured listeners beside the PLAINTEXT one, and SCRAM users created at format time:
+    with ApacheKafka(
+        listeners={"SCRAM": "SASL_SSL"},
+        properties={"listener.name.scram.sasl.enabled.mechanisms": "SCRAM-SHA-512", ...},
+        scram_users={"alice": "alice-secret"},
+    ) as kafka:
+        print(kafka.address("SCRAM"))  # "127.0.0.1:PORT" of that listener
+
 Script use::
 
     python infra/kafka.py fetch            # only download the jars into the cache
@@ -157,6 +165,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _free_port_not_in(taken: set[int]) -> int:
+    """Return a free port on 127.0.0.1 that is not in ``taken``."""
+    while (port := free_port()) in taken:
+        pass
+    return port
+
+
 def _cluster_id() -> str:
     """Return a random Kafka cluster id (base64url UUID, like ``StorageTool random-uuid``)."""
     while True:
@@ -249,6 +264,8 @@ class ApacheKafka:
         port: int | None = None,
         num_partitions: int = 4,
         properties: dict[str, Any] | None = None,
+        listeners: dict[str, str] | None = None,
+        scram_users: dict[str, str] | None = None,
         heap: str = "512m",
         startup_timeout: float = 90.0,
         die_with_parent: bool = True,
@@ -256,6 +273,11 @@ class ApacheKafka:
         self.version = version
         self.num_partitions = num_partitions
         self.extra_properties = dict(properties or {})
+        self.listeners = {name.upper(): protocol for name, protocol in (listeners or {}).items()}
+        """Extra listeners, name -> security protocol, each on a free port (see `address`)."""
+        self.scram_users = dict(scram_users or {})
+        """SCRAM-SHA-256 and SCRAM-SHA-512 credentials (name -> password) created at format time."""
+        self.listener_ports: dict[str, int] = {}
         self.heap = heap
         self.startup_timeout = startup_timeout
         # PR_SET_PDEATHSIG follows the starting *thread*: disable when starting from a worker thread.
@@ -275,6 +297,12 @@ class ApacheKafka:
         if self.port is None:
             raise RuntimeError("broker not started")
         return f"127.0.0.1:{self.port}"
+
+    def address(self, listener: str) -> str:
+        """Return ``"127.0.0.1:PORT"`` of the extra listener named ``listener``."""
+        if listener.upper() not in self.listener_ports:
+            raise RuntimeError(f"no started listener {listener!r}")
+        return f"127.0.0.1:{self.listener_ports[listener.upper()]}"
 
     @property
     def pid(self) -> int | None:
@@ -308,9 +336,12 @@ class ApacheKafka:
         self.workdir = Path(tempfile.mkdtemp(prefix="choreo-kafka-"))
         try:
             self.port = self.port or free_port()
-            self.controller_port = free_port()
-            while self.controller_port == self.port:
-                self.controller_port = free_port()
+            taken = {self.port}
+            self.controller_port = _free_port_not_in(taken)
+            taken.add(self.controller_port)
+            for name in self.listeners:
+                self.listener_ports[name] = _free_port_not_in(taken)
+                taken.add(self.listener_ports[name])
             self._write_config()
             self._format()
             self._launch()
@@ -384,15 +415,17 @@ class ApacheKafka:
     def _write_config(self) -> None:
         """Write server.properties and the log4j2 configuration into the work directory."""
         assert self.workdir is not None
+        extra = "".join(f",{name}://127.0.0.1:{port}" for name, port in self.listener_ports.items())
+        protocols = "".join(f",{name}:{protocol}" for name, protocol in self.listeners.items())
         props: dict[str, Any] = {
             "process.roles": "broker,controller",
             "node.id": 1,
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}{extra}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}{extra}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": f"PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT{protocols}",
             "log.dirs": self.workdir / "data",
             "num.partitions": self.num_partitions,
             "auto.create.topics.enable": "true",
@@ -413,6 +446,12 @@ class ApacheKafka:
     def _format(self) -> None:
         """Format the KRaft storage directory (static quorum: no ``--standalone`` needed)."""
         assert self.workdir is not None
+        scram = [
+            arg
+            for name, password in self.scram_users.items()
+            for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512")
+            for arg in ("--add-scram", f"{mechanism}=[name={name},password={password}]")
+        ]
         cmd = self._java_cmd(
             "kafka.tools.StorageTool",
             "format",
@@ -420,6 +459,7 @@ class ApacheKafka:
             _cluster_id(),
             "-c",
             str(self.workdir / "server.properties"),
+            *scram,
             heap="256m",
         )
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

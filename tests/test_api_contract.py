@@ -60,6 +60,7 @@ async def test_the_api_answers_as_its_openapi_document_says(served_shop: str, tm
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={"PATH": "/usr/bin:/bin", "SCHEMATHESIS_HOOKS": ""},
+        cwd=tmp_path,  # its cache directory stays out of the checkout
     )
     output, _ = await run.communicate()
     text = output.decode()
