@@ -950,18 +950,38 @@ class TraceStore:
         if rows:
             await conn.execute(insert(summaries_table), rows)
 
-    async def summarize_missing(self, batch: int = 500) -> int:
-        """Summarize sagas indexed before summaries existed; returns how many. A one-off scan."""
-        done = 0
+    async def summarize_missing(self, batch: int = 1000) -> int:
+        """Summarize sagas indexed before summaries existed; returns how many.
+
+        Walks the saga ids in index order, so a database of any size is read once.
+        """
+        async with self.engine.connect() as conn:
+            summarized = await conn.scalar(select(func.count()).select_from(summaries_table))
+            indexed = await conn.scalar(select(func.count(events_table.c.saga_id.distinct())))
+        if summarized == indexed:
+            return 0
+        done, last = 0, ""
         while True:
             async with self.engine.begin() as conn:
-                summarized = select(summaries_table.c.saga_id)
-                missing = select(events_table.c.saga_id).where(events_table.c.saga_id.not_in(summarized)).distinct()
-                ids = list((await conn.execute(missing.limit(batch))).scalars())
+                ids = list(
+                    (
+                        await conn.execute(
+                            select(events_table.c.saga_id)
+                            .where(events_table.c.saga_id > last)
+                            .distinct()
+                            .order_by(events_table.c.saga_id)
+                            .limit(batch)
+                        )
+                    ).scalars()
+                )
                 if not ids:
                     return done
-                await self._summarize(conn, ids)
-            done += len(ids)
+                last = ids[-1]
+                known = select(summaries_table.c.saga_id).where(summaries_table.c.saga_id.in_(ids))
+                have = set((await conn.execute(known)).scalars())
+                missing = [saga_id for saga_id in ids if saga_id not in have]
+                await self._summarize(conn, missing)
+            done += len(missing)
 
     def _filtered(
         self,
