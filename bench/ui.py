@@ -161,8 +161,7 @@ async def main() -> None:
         print(f"filling {url} with {args.sagas} sagas")
         events, summaries = await fill(store, args.sagas, timedelta(days=7))
         print(f"events inserted in {events:.0f} s, sagas summarized in {summaries:.0f} s")
-    newest = await store.summaries(limit=200)
-    compensated = next(s.saga_id for s in newest if s.compensations)
+    compensated = (await store.summaries(limit=1, state=SagaState.COMPENSATED))[0].saga_id
     failed = (await store.summaries(limit=1, state=SagaState.FAILED))[0].saga_id
     counts = await store.state_counts()
     await store.close()

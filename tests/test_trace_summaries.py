@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, text
+from sqlalchemy import delete
+from sqlalchemy import event as sa_event
 
 from choreo.envelope import utcnow
 from choreo.tracing import (
@@ -138,18 +140,40 @@ async def test_sagas_indexed_before_summaries_are_summarized_once(store: TraceSt
     await store.close()
 
 
-async def test_the_list_queries_use_indexes(tmp_path: object) -> None:
+async def test_the_list_queries_use_indexes(tmp_path: Path) -> None:
+    """Every query the list runs, explained by SQLite: an index each time, never a table scan or a sort."""
     store = TraceStore(f"sqlite+aiosqlite:///{tmp_path}/plan.db")
     await store.open()
-    now = utcnow()
-    plans = {
-        "newest": "SELECT * FROM choreo_trace_summary ORDER BY started_at DESC, saga_id DESC LIMIT 50",
-        "state": "SELECT * FROM choreo_trace_summary WHERE state = 'failed' ORDER BY started_at DESC LIMIT 50",
-        "saga": "SELECT * FROM choreo_trace_summary WHERE saga = 'order' ORDER BY started_at DESC LIMIT 50",
-        "window": f"SELECT state, count(*) FROM choreo_trace_summary WHERE started_at >= '{now}' GROUP BY state",
-    }
+    await store.save_declarations([ORDER])
+    await store.add_all([*completed("s1"), *compensated("s2"), *failed("s3")])
+    statements: list[tuple[str, object]] = []
+
+    def capture(conn: object, cursor: object, statement: str, parameters: object, *_: object) -> None:
+        if "choreo_trace_summary" in statement and not statement.startswith("EXPLAIN"):
+            statements.append((statement, parameters))
+
+    sa_event.listen(store.engine.sync_engine, "before_cursor_execute", capture)
+    since = T0 - timedelta(days=1)
+    for filters in [
+        {},
+        {"since": since},
+        {"state": SagaState.FAILED},
+        {"state": SagaState.OVERDUE, "since": since},
+        {"saga": "order", "since": since},
+        {"service": "payments"},
+        {"service": "payments", "state": SagaState.COMPENSATED, "since": since},
+    ]:
+        assert await store.summaries(**filters) is not None  # type: ignore[arg-type]
+        counted = {k: v for k, v in filters.items() if k != "state"}
+        assert await store.state_counts(**counted) is not None  # type: ignore[arg-type]
+    sa_event.remove(store.engine.sync_engine, "before_cursor_execute", capture)
+    assert len(statements) == 7 * 3
     async with store.engine.connect() as conn:
-        for name, query in plans.items():
-            plan = " | ".join(row[-1] for row in await conn.execute(text(f"EXPLAIN QUERY PLAN {query}")))
-            assert "USING INDEX ix_choreo_trace_summary" in plan or "USING COVERING INDEX" in plan, (name, plan)
+        for statement, parameters in statements:
+            rows = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)  # type: ignore[arg-type]
+            plan = [row[-1] for row in rows]
+            for step in plan:
+                if "choreo_trace_summary" in step:
+                    assert " USING " in step, (statement, plan)  # an index, not a scan of the table
+                assert "TEMP B-TREE FOR ORDER BY" not in step, (statement, plan)
     await store.close()
