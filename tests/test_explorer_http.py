@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,33 @@ async def test_a_token_guards_every_request(flows: Flows) -> None:
         first = await client.get("/?token=s3cret")  # a link with the token: the browser keeps a cookie
         assert first.status_code == 200 and "choreo_ui_token" in first.headers["set-cookie"]
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_without_targets_the_sagas_show_and_the_graph_says_why(flows: Flows) -> None:
+    app = create_app(flows.store().url)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://explorer") as client:
+            assert flows.ids["success"][:8] in (await client.get("/?window=all")).text
+            assert (await client.get(f"/sagas/{flows.ids['success']}")).status_code == 200
+            graph = await client.get("/graph")
+            assert graph.status_code == 404 and "choreo ui demo_shop" in graph.text
+
+
+@pytest.mark.parametrize(
+    ("broken", "node"),
+    [("unhandled-event", "t3.payment_audited"), ("unreachable-handler", "orders.refund")],
+)
+async def test_check_findings_flag_their_node_on_the_graph(flows: Flows, broken: str, node: str) -> None:
+    toy = make_toy3(broken=broken)
+    app = create_app(flows.store().url, toy.services, start_services=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://explorer") as client:
+            page = (await client.get("/graph")).text
+    flagged = re.findall(r'data-node="([^"]+)" data-problems="([^"]+)"', page)
+    assert flagged == [(node, broken)]
+    assert f'<li data-kind="{broken}">' in page
 
 
 def test_urls_with_passwords_are_masked() -> None:

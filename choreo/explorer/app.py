@@ -75,6 +75,8 @@ class Explorer:
         self.store = store
         self.services = {service.name: service for service in services}
         self.choreography = Choreography(services) if services else None
+        # The choreography is static: check it once, not per page.
+        self.report = self.choreography.check() if self.choreography else None
         self.allow_actions = allow_actions
         self.saga_types: list[str] = []
         self.env = Environment(
@@ -382,7 +384,8 @@ def create_app(
 
     @app.get("/graph", response_class=HTMLResponse)
     async def graph_page(request: Request, window: str = "1h") -> Response:
-        if explorer.choreography is None:
+        report = explorer.report
+        if explorer.choreography is None or report is None:
             raise HTTPException(
                 404, "no choreography: start `choreo ui` with the app's module, e.g. `choreo ui demo_shop`"
             )
@@ -394,7 +397,6 @@ def create_app(
         for _, handler, effect, seconds in await trace_store.hop_latencies(since):
             emitted.setdefault((handler, effect), svg.EdgeTraffic()).latencies.append(seconds)
         failed = await trace_store.dead_letter_counts(since)
-        report = explorer.choreography.check()
         minutes = SPANS[window] / timedelta(minutes=1)
         drawing = svg.graph(explorer.choreography, emitted, failed, report.problems, minutes)
         return explorer.render(

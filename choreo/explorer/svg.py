@@ -158,7 +158,11 @@ def graph(
     `emitted` is keyed by (handler, event type), `failed` by (event type, handler).
     """
     layer: dict[str, int] = {}
-    starts = [_name(saga.starts) for _, saga in choreography.sagas] or sorted(_name(e) for e in choreography.events)
+    # Layer 0: what starts a saga, and whatever is emitted outside handlers (requests, deadlines).
+    starts = [_name(saga.starts) for _, saga in choreography.sagas]
+    starts += sorted(
+        _name(e) for e, emitters in choreography.emitters.items() if any(x.handler is None for x in emitters)
+    )
     frontier = list(dict.fromkeys(starts))
     for name in frontier:
         layer[name] = 0
@@ -181,9 +185,22 @@ def graph(
     for name in nodes:
         columns.setdefault(layer[name], []).append(name)
     col_width, row_height, box_w, box_h = 340, 70, 200, 40
+    preds: dict[str, list[str]] = {}
+    for _, handler in choreography.handlers:
+        preds.setdefault(handler.name, []).extend(_name(e) for e in handler.event_types)
+        for emitted_type in handler.emits:
+            preds.setdefault(_name(emitted_type), []).append(handler.name)
+    # Each column in the order of its nodes' predecessors (the barycentre heuristic): fewer crossings.
     where: dict[str, tuple[float, float]] = {}
-    for index, names in columns.items():
-        for row, name in enumerate(sorted(names)):
+    rank: dict[str, float] = {}
+    for index in sorted(columns):
+
+        def barycentre(name: str) -> tuple[float, str]:
+            placed = [rank[p] for p in preds.get(name, []) if p in rank]
+            return (sum(placed) / len(placed) if placed else 0.0, name)
+
+        for row, name in enumerate(sorted(columns[index], key=barycentre)):
+            rank[name] = row
             where[name] = (30 + index * col_width, 40 + row * row_height)
     width = 60 + (max(columns) + 1) * col_width
     height = 80 + max(len(names) for names in columns.values()) * row_height
