@@ -15,9 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from choreo.explorer import create_app
 from choreo.explorer.app import mask_urls
+from choreo.kafka import KafkaTransport
+from choreo.settings import KafkaSettings
 from tests.explorer_support import _free_port
 from tests.test_tracing import Flows, play_flows
 from tests.toy3 import make_toy3
@@ -191,3 +194,45 @@ def test_the_wheel_carries_the_pages(tmp_path: Path) -> None:
     for needed in ["saga.html", "sagas.html", "_rows.html", "graph.html", "base.html"]:
         assert f"choreo/explorer/templates/{needed}" in names
     assert {"choreo/explorer/static/explorer.css", "choreo/explorer/static/explorer.js"} <= names
+
+
+@pytest.mark.infra
+async def test_health_shows_consumer_lag_from_the_broker(flows: Flows, kafka_settings: KafkaSettings) -> None:
+    toy = make_toy3(
+        *(f"sqlite+aiosqlite:///{flows.directory}/{name}.db" for name in ("orders", "stock", "payments")),
+        kafka=kafka_settings,
+    )
+    stock = toy.stock  # consumes t3-orders (and t3-payments)
+    topic = kafka_settings.topic_prefix + "t3-orders"
+    transport = KafkaTransport(kafka_settings, client_id="test")
+    await transport.ensure_topics(["t3-orders", "t3-payments"])
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.bootstrap_servers)
+    await producer.start()
+    for n in range(5):
+        await producer.send_and_wait(topic, b"{}", partition=0, key=str(n).encode())
+    await producer.stop()
+    # The stock group has committed the first two records of partition 0: three wait.
+    member = AIOKafkaConsumer(
+        bootstrap_servers=kafka_settings.bootstrap_servers,
+        group_id=kafka_settings.group(stock.group_id),
+        enable_auto_commit=False,
+    )
+    await member.start()
+    member.assign([TopicPartition(topic, 0)])
+    await member.commit({TopicPartition(topic, 0): 2})
+    await member.stop()
+    assert await transport.group_lag(stock.group_id, stock.subscribed_topics) == {
+        **{f"t3-orders/{p}": 0 for p in range(1, 4)},
+        **{f"t3-payments/{p}": 0 for p in range(4)},
+        "t3-orders/0": 3,
+    }
+    app = create_app(flows.store().url, toy.services)
+    transport_to_app = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport_to_app, base_url="http://explorer") as client,
+    ):
+        page = (await client.get("/health")).text
+    row = re.search(r'<tr data-service="stock">(.*?)</tr>', page, re.S)
+    assert row is not None
+    assert re.search(r'<td class="num lag" title="t3-orders/0: 3">3</td>', row[1]), row[1]

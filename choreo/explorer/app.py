@@ -9,6 +9,7 @@ action. Bad input is a 4xx with a one-line reason, never a 5xx.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -200,6 +201,17 @@ class Explorer:
         return [list(path) for path in paths][:12]
 
 
+async def _lag(service: Service) -> tuple[int | None, str]:
+    """The service's consumer lag in total, and per partition (or why it is unknown)."""
+    if not service.subscribed_topics:
+        return 0, "consumes nothing"
+    try:
+        lags = await service.transport.group_lag(service.group_id, service.subscribed_topics, timeout=2.0)
+    except Exception as error:  # Kafka down or unreachable: the page still shows the rest
+        return None, f"unknown: {type(error).__name__}: {error}"[:200]
+    return sum(lags.values()), ", ".join(f"{where}: {n}" for where, n in sorted(lags.items()) if n) or "none"
+
+
 def _rows(roots: list[Hop]) -> list[tuple[Hop, int]]:
     """Hops depth first with their depth: the causal tree as `choreo trace` prints it."""
     return [(hop, hop.depth) for root in roots for hop in root.walk()]
@@ -367,16 +379,21 @@ def create_app(
     @app.get("/health", response_class=HTMLResponse)
     async def health_page(request: Request) -> Response:
         now = utcnow()
+        services = list(explorer.services.values())
+        # Lag comes from the broker (the group's committed offsets), each service at once.
+        lags = await asyncio.gather(*(_lag(service) for service in services))
         rows = []
-        for name, service in explorer.services.items():
+        for service, (lag, lag_note) in zip(services, lags, strict=True):
             async with service.engine.connect() as conn:
                 backlog, oldest = await outbox.backlog(conn, now)
                 parked = await conn.scalar(select(func.count()).where(dead_letter_table.c.status == "parked"))
             rows.append(
                 {
-                    "service": name,
+                    "service": service.name,
                     "backlog": backlog,
                     "oldest": (now - oldest) if oldest else None,
+                    "lag": lag,
+                    "lag_note": lag_note,
                     "parked": int(parked or 0),
                 }
             )
