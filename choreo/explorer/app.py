@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime, timedelta
@@ -45,6 +46,8 @@ COOKIE = "choreo_ui_token"
 WINDOWS = {"15m": "last 15 minutes", "1h": "last hour", "24h": "last 24 hours", "7d": "last 7 days", "all": "all time"}
 SPANS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "24h": timedelta(days=1), "7d": timedelta(days=7)}
 PAGE = 50
+LAG_RETRY = 60.0
+"""Seconds before asking an unreachable Kafka for consumer lag again."""
 _SAGA_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # scheme://user:password@ -> scheme://user:***@, wherever a URL shows up in a payload or header.
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s\"']*):(?P<password>[^@/\s\"']+)@")
@@ -80,6 +83,7 @@ class Explorer:
         self.report = self.choreography.check() if self.choreography else None
         self.allow_actions = allow_actions
         self.saga_types: list[str] = []
+        self.lag_failures: dict[str, tuple[float, str]] = {}
         self.env = Environment(
             loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(), auto_reload=False
         )
@@ -166,6 +170,21 @@ class Explorer:
                 found.update({event_id: _pretty(payload) for event_id, payload in rows})
         return found
 
+    async def lag(self, service: Service) -> tuple[int | None, str]:
+        """The service's consumer lag in total, and per partition (or why it is unknown)."""
+        if not service.subscribed_topics:
+            return 0, "consumes nothing"
+        failed_at, reason = self.lag_failures.get(service.name, (0.0, ""))
+        if time.monotonic() - failed_at < LAG_RETRY:
+            return None, reason  # Kafka was unreachable a moment ago: don't wait on it at every refresh
+        try:
+            lags = await service.transport.group_lag(service.group_id, service.subscribed_topics, timeout=2.0)
+        except Exception as error:  # Kafka down, or a broker without the admin API: the rest still shows
+            reason = f"unknown: {type(error).__name__}: {error}"[:200]
+            self.lag_failures[service.name] = (time.monotonic(), reason)
+            return None, reason
+        return sum(lags.values()), ", ".join(f"{where}: {n}" for where, n in sorted(lags.items()) if n) or "none"
+
     def waiting(self, trace: SagaTrace) -> dict[str, list[str]]:
         """For each hop where an unfinished saga stopped: the handlers that react to its event."""
         if self.choreography is None or trace.ended_by is not None:
@@ -199,17 +218,6 @@ class Explorer:
                 if cut >= 0 and path[cut + 1 :]:
                     paths.setdefault(tuple(path[cut:]), None)
         return [list(path) for path in paths][:12]
-
-
-async def _lag(service: Service) -> tuple[int | None, str]:
-    """The service's consumer lag in total, and per partition (or why it is unknown)."""
-    if not service.subscribed_topics:
-        return 0, "consumes nothing"
-    try:
-        lags = await service.transport.group_lag(service.group_id, service.subscribed_topics, timeout=2.0)
-    except Exception as error:  # Kafka down or unreachable: the page still shows the rest
-        return None, f"unknown: {type(error).__name__}: {error}"[:200]
-    return sum(lags.values()), ", ".join(f"{where}: {n}" for where, n in sorted(lags.items()) if n) or "none"
 
 
 def _rows(roots: list[Hop]) -> list[tuple[Hop, int]]:
@@ -381,7 +389,7 @@ def create_app(
         now = utcnow()
         services = list(explorer.services.values())
         # Lag comes from the broker (the group's committed offsets), each service at once.
-        lags = await asyncio.gather(*(_lag(service) for service in services))
+        lags = await asyncio.gather(*(explorer.lag(service) for service in services))
         rows = []
         for service, (lag, lag_note) in zip(services, lags, strict=True):
             async with service.engine.connect() as conn:
