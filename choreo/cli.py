@@ -586,6 +586,44 @@ def relay(service_spec: ServiceArgument) -> None:
     _run(serve(start, service.stop))
 
 
+@app.command()
+@handled
+def ui(
+    targets: Annotated[
+        list[str] | None, typer.Argument(help="Modules or packages holding the services, as for `choreo graph`")
+    ] = None,
+    db: DbOption = None,
+    host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on", min=1, max=65535)] = 8700,
+    token: Annotated[
+        str | None, typer.Option(help="Require this token on every request [default: $CHOREO_UI_TOKEN]")
+    ] = None,
+    allow_actions: Annotated[
+        bool, typer.Option("--allow-actions", help="Enable dead-letter replay and discard")
+    ] = False,
+) -> None:
+    """Serve the saga explorer: sagas, their timelines, the choreography, dead letters and health."""
+    try:
+        import uvicorn
+
+        from choreo.explorer import create_app
+    except ImportError as error:
+        raise ChoreoError(f"the explorer needs the ui extra: pip install 'choreo[ui]' ({error})") from None
+    _log_from_env()
+    services = [service for target in targets or [] for service in discover(target)]
+    secret = token or os.environ.get("CHOREO_UI_TOKEN") or None
+    if host not in ("127.0.0.1", "localhost", "::1") and secret is None:
+        typer.echo(
+            f"warning: serving on {host} without authentication: anyone who reaches it can read every saga"
+            + (" and replay dead letters" if allow_actions else "")
+            + "; set --token or CHOREO_UI_TOKEN",
+            err=True,
+        )
+    explorer = create_app(db or default_database_url(), services, token=secret, allow_actions=allow_actions)
+    typer.echo(f"choreo explorer on http://{host}:{port}/ (Ctrl-C to stop)")
+    uvicorn.run(explorer, host=host, port=port, log_level="warning")
+
+
 dlq_app = typer.Typer(
     help="Operate a service's dead letters: list, show, replay, discard (nothing is ever deleted).",
     no_args_is_help=True,

@@ -207,6 +207,42 @@ class KafkaTransport:
         finally:
             await admin.close()
 
+    async def group_lag(self, group_id: str, topics: Iterable[str], timeout: float = 3.0) -> dict[str, int]:
+        """Records of `topics` that group `group_id` has not committed, per `topic/partition`, from the broker.
+
+        Read from outside the group (committed offsets against end offsets), so a tool can
+        ask without joining it and causing a rebalance.
+        """
+        admin = AIOKafkaAdminClient(**options_for(AIOKafkaAdminClient, self.settings, self._security))
+        reader = AIOKafkaConsumer(
+            enable_auto_commit=False, **options_for(AIOKafkaConsumer, self.settings, self._security)
+        )
+        lags: dict[str, int] = {}
+        try:
+            async with asyncio.timeout(timeout):
+                await admin.start()
+                await reader.start()
+                names = sorted(self.settings.topic_prefix + topic for topic in set(topics))
+                described = await admin.describe_topics(names)
+                partitions = [
+                    TopicPartition(topic["topic"], part["partition"])
+                    for topic in described
+                    if topic["error_code"] == 0  # an unknown topic has no lag
+                    for part in topic["partitions"]
+                ]
+                committed = await admin.list_consumer_group_offsets(self.settings.group(group_id))
+                ends = await reader.end_offsets(partitions)
+                starts = await reader.beginning_offsets(partitions)
+        finally:
+            await reader.stop()
+            await admin.close()
+        for partition in partitions:
+            done = committed.get(partition)
+            position = done.offset if done is not None and done.offset >= 0 else starts[partition]
+            topic = partition.topic.removeprefix(self.settings.topic_prefix)
+            lags[f"{topic}/{partition.partition}"] = max(0, ends[partition] - position)
+        return lags
+
     producer_type: Callable[..., AIOKafkaProducer] = AIOKafkaProducer
     """What builds the producer: a test may put a fault-injecting subclass here."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -45,7 +46,7 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from choreo import deadletters
 from choreo.database import create_engine, insert_ignoring_duplicates, masked_url, normalize_url, require_existing
@@ -90,7 +91,7 @@ def default_database_url(env: Mapping[str, str] | None = None) -> str:
 # -- the index ---------------------------------------------------------------------------------
 
 trace_metadata = MetaData()
-"""The trace database's tables: `choreo_trace_event` and `choreo_trace_saga`."""
+"""The trace database's tables: `choreo_trace_event`, `choreo_trace_saga` and the summaries."""
 
 events_table = Table(
     "choreo_trace_event",
@@ -121,6 +122,7 @@ events_table = Table(
     # The dedup key: a record delivered or published twice is indexed once.
     UniqueConstraint("event_id", "kind", "consumer", name="uq_choreo_trace_event"),
     Index("ix_choreo_trace_event_saga", "saga_id", "occurred_at"),
+    Index("ix_choreo_trace_event_time", "occurred_at"),
 )
 
 sagas_table = Table(
@@ -132,6 +134,44 @@ sagas_table = Table(
     Column("ends", JSON, nullable=False),
     Column("deadline_seconds", Float),
     Column("timeout_event", String(255)),
+)
+
+summaries_table = Table(
+    "choreo_trace_summary",
+    trace_metadata,
+    # One row per saga, rewritten whenever a record of the saga is indexed: lists, filters and
+    # counts read this table through its indexes instead of grouping every event.
+    Column("saga_id", String(64), primary_key=True),
+    Column("saga", String(255), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("last_at", UtcDateTime, nullable=False),
+    Column("ended_at", UtcDateTime),
+    # When an unfinished saga becomes overdue: its state is stored as in flight, and a reader
+    # compares this with its own clock.
+    Column("deadline_at", UtcDateTime),
+    Column("services", String(1024), nullable=False),
+    Column("hops", Integer, nullable=False),
+    Column("compensations", Integer, nullable=False),
+    Column("dead_letters", Integer, nullable=False),
+    Index("ix_choreo_trace_summary_started", "started_at"),
+    Index("ix_choreo_trace_summary_state", "state", "started_at"),
+    Index("ix_choreo_trace_summary_saga", "saga", "started_at"),
+)
+
+summary_services_table = Table(
+    "choreo_trace_summary_service",
+    trace_metadata,
+    # The summary once per service the saga touched, so "sagas through payments" and their
+    # counts per state are read from an index too.
+    Column("service", String(63), primary_key=True),
+    Column("saga_id", String(64), primary_key=True),
+    Column("saga", String(255), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("deadline_at", UtcDateTime),
+    Index("ix_choreo_trace_summary_service_started", "service", "started_at"),
+    Index("ix_choreo_trace_summary_service_state", "service", "state", "started_at"),
 )
 
 
@@ -174,12 +214,8 @@ class TracedEvent:
         return self.handler or self.producer
 
     def to_row(self, recorded_at: datetime) -> dict[str, Any]:
-        """The row stored in `choreo_trace_event`, every text cleaned and cut to fit its column.
-
-        Headers come from any producer: a NUL or an over-long value must not make the insert
-        fail, which would stall the collector on that record forever.
-        """
-        row = {
+        """The row stored in `choreo_trace_event`."""
+        return {
             "kind": self.kind,
             "event_id": self.event_id,
             "consumer": self.consumer,
@@ -201,7 +237,6 @@ class TracedEvent:
             "traceparent": self.traceparent,
             "recorded_at": recorded_at,
         }
-        return {name: deadletters.fit(events_table, name, v) if isinstance(v, str) else v for name, v in row.items()}
 
     @classmethod
     def from_row(cls, row: Any) -> TracedEvent:
@@ -252,7 +287,7 @@ def index_record(record: Record, compensations: Mapping[str, tuple[str, ...]] | 
     except ValueError:
         version = 0
     letter = deadletters.REASON in headers
-    return TracedEvent(
+    event = TracedEvent(
         kind=DEAD_LETTER if letter else EVENT,
         event_id=event_id,
         saga_id=saga_id,
@@ -272,6 +307,14 @@ def index_record(record: Record, compensations: Mapping[str, tuple[str, ...]] | 
         error=headers.get(deadletters.ERROR) if letter else None,
         traceparent=(headers.get(TRACEPARENT) or None),
     )
+    # Headers come from any producer: a NUL or an over-long value must not make the insert
+    # fail, which would stall the collector on that record forever. Cut to fit, cleaned.
+    cleaned: dict[str, Any] = {
+        name: deadletters.fit(events_table, name, value)
+        for name, value in vars(event).items()
+        if isinstance(value, str) and name in events_table.c
+    }
+    return dataclasses.replace(event, **cleaned)
 
 
 # -- saga declarations, as the trace database keeps them ---------------------------------------
@@ -791,6 +834,7 @@ class TraceStore:
                 # One statement per row: its rowcount tells a new row from a duplicate.
                 result = await conn.execute(statement.values(**event.to_row(now)))
                 added.append(bool(result.rowcount))
+            await self._summarize(conn, {event.saga_id for event in events})
         return added
 
     async def save_declarations(self, declarations: Iterable[SagaDeclaration]) -> None:
@@ -918,6 +962,241 @@ class TraceStore:
                         break
             offset += page
         return found
+
+    # -- summaries: what lists, filters and counts read ----------------------------------------
+
+    async def _summarize(self, conn: AsyncConnection, saga_ids: Iterable[str]) -> None:
+        ids = sorted(set(saga_ids))
+        if not ids:
+            return
+        known = [_declaration_of(row) for row in await conn.execute(select(sagas_table))]
+        records: dict[str, list[TracedEvent]] = {}
+        for row in await conn.execute(select(events_table).where(events_table.c.saga_id.in_(ids))):
+            records.setdefault(row.saga_id, []).append(TracedEvent.from_row(row))
+        rows = [_summary_row(build_trace(saga_id, found, known)) for saga_id, found in records.items()]
+        per_service = [
+            {key: row[key] for key in ("saga_id", "saga", "state", "started_at", "deadline_at")} | {"service": service}
+            for row in rows
+            for service in row["services"].split(",")
+            if service
+        ]
+        await conn.execute(delete(summaries_table).where(summaries_table.c.saga_id.in_(ids)))
+        await conn.execute(delete(summary_services_table).where(summary_services_table.c.saga_id.in_(ids)))
+        if rows:
+            await conn.execute(insert(summaries_table), rows)
+        if per_service:
+            await conn.execute(insert(summary_services_table), per_service)
+
+    async def summarize_missing(self, batch: int = 1000) -> int:
+        """Summarize sagas indexed before summaries existed; returns how many.
+
+        Walks the saga ids in index order, so a database of any size is read once.
+        """
+        async with self.engine.connect() as conn:
+            summarized = await conn.scalar(select(func.count()).select_from(summaries_table))
+            indexed = await conn.scalar(select(func.count(events_table.c.saga_id.distinct())))
+        if summarized == indexed:
+            return 0
+        done, last = 0, ""
+        while True:
+            async with self.engine.begin() as conn:
+                ids = list(
+                    (
+                        await conn.execute(
+                            select(events_table.c.saga_id)
+                            .where(events_table.c.saga_id > last)
+                            .distinct()
+                            .order_by(events_table.c.saga_id)
+                            .limit(batch)
+                        )
+                    ).scalars()
+                )
+                if not ids:
+                    return done
+                last = ids[-1]
+                known = select(summaries_table.c.saga_id).where(summaries_table.c.saga_id.in_(ids))
+                have = set((await conn.execute(known)).scalars())
+                missing = [saga_id for saga_id in ids if saga_id not in have]
+                await self._summarize(conn, missing)
+            done += len(missing)
+
+    def _filtered(
+        self,
+        query: Any,
+        now: datetime,
+        *,
+        state: SagaState | None = None,
+        saga: str | None = None,
+        service: str | None = None,
+        since: datetime | None = None,
+    ) -> Any:
+        # With a service, the per-service rows carry every filtered column.
+        c = summaries_table.c if service is None else summary_services_table.c
+        if service is not None:
+            query = query.where(c.service == service)
+        if state is SagaState.OVERDUE:
+            query = query.where(c.state == SagaState.IN_FLIGHT.value, c.deadline_at <= now)
+        elif state is SagaState.IN_FLIGHT:
+            query = query.where(c.state == state.value, (c.deadline_at.is_(None)) | (c.deadline_at > now))
+        elif state is not None:
+            query = query.where(c.state == state.value)
+        if saga is not None:
+            query = query.where(c.saga == saga)
+        if since is not None:
+            query = query.where(c.started_at >= since)
+        return query
+
+    async def summaries(
+        self,
+        *,
+        state: SagaState | None = None,
+        saga: str | None = None,
+        service: str | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+        now: datetime | None = None,
+    ) -> list[SagaSummary]:
+        """The most recently started sagas (newest first), filtered, read from the summary index."""
+        now = now or utcnow()
+        query = select(summaries_table)
+        c = summaries_table.c
+        if service is not None:
+            c = summary_services_table.c
+            query = query.join(summary_services_table, c.saga_id == summaries_table.c.saga_id)
+        query = self._filtered(query, now, state=state, saga=saga, service=service, since=since)
+        query = query.order_by(c.started_at.desc(), c.saga_id.desc()).limit(limit)
+        async with self.engine.connect() as conn:
+            return [SagaSummary.from_row(row, now) for row in await conn.execute(query)]
+
+    async def state_counts(
+        self,
+        *,
+        saga: str | None = None,
+        service: str | None = None,
+        since: datetime | None = None,
+        now: datetime | None = None,
+    ) -> dict[SagaState, int]:
+        """How many sagas are in each state (overdue apart from in flight), filtered like `summaries`."""
+        now = now or utcnow()
+        table = summaries_table if service is None else summary_services_table
+        # Two queries, so each reads an index alone: the states (state, started_at), then the
+        # few unfinished sagas past their deadline.
+        by_state = select(table.c.state, func.count()).group_by(table.c.state)
+        by_state = self._filtered(by_state, now, saga=saga, service=service, since=since)
+        overdue = select(func.count()).select_from(table)
+        overdue = self._filtered(overdue, now, state=SagaState.OVERDUE, saga=saga, service=service, since=since)
+        counts = dict.fromkeys(SagaState, 0)
+        async with self.engine.connect() as conn:
+            for state, count in await conn.execute(by_state):
+                counts[SagaState(state)] = count
+            counts[SagaState.OVERDUE] = int(await conn.scalar(overdue) or 0)
+        counts[SagaState.IN_FLIGHT] -= counts[SagaState.OVERDUE]
+        return counts
+
+    async def hop_latencies(self, since: datetime, limit: int = 20_000) -> list[tuple[str, str, str, float]]:
+        """(cause type, handler, effect type, seconds) of the latest hops since `since`, newest first."""
+        child, parent = events_table.alias("child"), events_table.alias("parent")
+        query = (
+            select(parent.c.event_type, child.c.handler, child.c.event_type, child.c.occurred_at, parent.c.occurred_at)
+            .join(parent, (parent.c.event_id == child.c.causation_id) & (parent.c.kind == EVENT))
+            .where(child.c.kind == EVENT, child.c.occurred_at >= since)
+            .order_by(child.c.occurred_at.desc())
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [
+                (cause, handler or "", effect, (at - cause_at).total_seconds())
+                for cause, handler, effect, at, cause_at in await conn.execute(query)
+            ]
+
+    async def dead_letter_counts(self, since: datetime) -> dict[tuple[str, str], int]:
+        """Dead letters since `since`, by (event type, consumer)."""
+        c = events_table.c
+        query = (
+            select(c.event_type, c.consumer, func.count())
+            .where(c.kind == DEAD_LETTER, c.occurred_at >= since)
+            .group_by(c.event_type, c.consumer)
+        )
+        async with self.engine.connect() as conn:
+            return {(event_type, consumer): n for event_type, consumer, n in await conn.execute(query)}
+
+
+@dataclass(frozen=True)
+class SagaSummary:
+    """One line of the saga list: a saga's state and timing, without its tree."""
+
+    saga_id: str
+    saga: str | None
+    state: SagaState
+    started_at: datetime
+    last_at: datetime
+    ended_at: datetime | None
+    services: tuple[str, ...]
+    hops: int
+    compensations: int
+    dead_letters: int
+
+    @property
+    def to_end(self) -> timedelta | None:
+        """From the start to the end event (None while it has not ended)."""
+        return None if self.ended_at is None else self.ended_at - self.started_at
+
+    @property
+    def to_settle(self) -> timedelta:
+        """From the start to the last event seen (compensations after the end included)."""
+        return self.last_at - self.started_at
+
+    @classmethod
+    def from_row(cls, row: Any, now: datetime) -> SagaSummary:
+        """Read a `choreo_trace_summary` row, judging overdue by `now`."""
+        state = SagaState(row.state)
+        if state is SagaState.IN_FLIGHT and row.deadline_at is not None and row.deadline_at <= now:
+            state = SagaState.OVERDUE
+        return cls(
+            saga_id=row.saga_id,
+            saga=row.saga or None,
+            state=state,
+            started_at=row.started_at,
+            last_at=row.last_at,
+            ended_at=row.ended_at,
+            services=tuple(s for s in row.services.split(",") if s),
+            hops=row.hops,
+            compensations=row.compensations,
+            dead_letters=row.dead_letters,
+        )
+
+
+def _summary_row(trace: SagaTrace) -> dict[str, Any]:
+    declaration = trace.declaration
+    state = SagaState.IN_FLIGHT if trace.state is SagaState.OVERDUE else trace.state
+    deadline = declaration.deadline if declaration is not None else None
+    services = dict.fromkeys(trace.services)
+    for hop in trace.dead_lettered:
+        services.update(dict.fromkeys(_service_of(letter) for letter in hop.dead_letters))
+    return {
+        "saga_id": trace.saga_id,
+        "saga": declaration.name if declaration else "",
+        "state": state.value,
+        "started_at": trace.started_at,
+        "last_at": trace.last_at,
+        "ended_at": trace.ended_by.event.occurred_at if trace.ended_by else None,
+        "deadline_at": trace.started_at + deadline if deadline is not None and state is SagaState.IN_FLIGHT else None,
+        "services": "," + ",".join(services)[:1000] + ",",
+        "hops": sum(1 for hop in trace.hops() if hop.seen),
+        "compensations": len(trace.compensations),
+        "dead_letters": sum(len(hop.dead_letters) for hop in trace.hops()),
+    }
+
+
+def _declaration_of(row: Any) -> SagaDeclaration:
+    return SagaDeclaration(
+        name=row.name,
+        starts=row.starts,
+        ends=frozenset(row.ends),
+        deadline=timedelta(seconds=row.deadline_seconds) if row.deadline_seconds is not None else None,
+        timeout_event=row.timeout_event,
+        service=row.service,
+    )
 
 
 # -- the collector -----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from rich.table import Table
 from choreo import KafkaSettings, Service, TraceCollector, __version__
 from choreo.cli import render_trace
 from choreo.devbroker import DevBrokerError, Tansu
+from choreo.explorer import create_app
 from choreo.tracing import SagaTrace
 from demo_shop.shop import SERVICES, Shop
 from demo_shop.walkthrough import FLOWS, FlowResult, create_customers, hop_reader, run_flow
@@ -67,6 +68,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     parser.add_argument(
+        "--ui-port", type=int, default=8700, help="port of the saga explorer (default: %(default)s; 0: none)"
+    )
+    parser.add_argument(
         "--data-dir",
         type=Path,
         default=Path("data"),
@@ -82,6 +86,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.port < 65536:
         parser.error(f"--port {args.port} is not a TCP port number")
+    if not 0 <= args.ui_port < 65536:
+        parser.error(f"--ui-port {args.ui_port} is not a TCP port number")
     return args
 
 
@@ -124,6 +130,8 @@ class Demo:
         self.server: _Server | None = None
         self.serving: asyncio.Task[None] | None = None
         self.collector: TraceCollector | None = None
+        self.explorer: _Server | None = None
+        self.exploring: asyncio.Task[None] | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -175,6 +183,7 @@ class Demo:
     async def start(self) -> Shop:
         args = self.args
         listener = _listen(args.host, args.port)
+        explorer_listener = _listen(args.host, args.ui_port) if args.ui_port else None
         data_dir: Path = args.data_dir
         _prepare_data_dir(data_dir, keep=args.keep_data)
         with Progress(
@@ -212,7 +221,22 @@ class Demo:
             self.collector = TraceCollector(shop, self.trace_url, kafka=kafka or None)
             await self.collector.start()
             progress.update(tracing, completed=1, description=f"trace collector indexing into {data_dir / TRACE_DB}")
+            if explorer_listener is not None:
+                await self._start_explorer(progress, shop, explorer_listener)
         return shop
+
+    async def _start_explorer(self, progress: Progress, shop: Shop, listener: socket.socket) -> None:
+        url = f"http://{_client_host(self.args.host)}:{self.args.ui_port}/"
+        task = progress.add_task("starting the saga explorer", total=1)
+        # The running services themselves: the explorer reads their tables, starts and stops nothing.
+        explorer = create_app(self.trace_url, list(shop), start_services=False)
+        self.explorer = _Server(uvicorn.Config(explorer, log_level="warning"))
+        self.exploring = asyncio.create_task(self.explorer.serve(sockets=[listener]))
+        while not self.explorer.started and not self.exploring.done():
+            await asyncio.sleep(0.02)
+        if not self.explorer.started:
+            raise _StartError("the saga explorer did not start (see the errors above)")
+        progress.update(task, completed=1, description=f"saga explorer on {url}")
 
     @property
     def trace_url(self) -> str:
@@ -235,6 +259,10 @@ class Demo:
         return KafkaSettings(bootstrap_servers=self.broker.bootstrap, idempotence=False, fetch_max_wait_ms=5)
 
     async def shutdown(self) -> None:
+        if self.explorer is not None and self.exploring is not None:
+            self.explorer.should_exit = True
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self.exploring
         if self.collector is not None:
             await self.collector.stop()
         if self.server is not None and self.serving is not None:
@@ -329,6 +357,8 @@ class Demo:
 
     def invite(self) -> None:
         base = f"http://{_client_host(self.args.host)}:{self.args.port}"
+        explorer = f"http://{_client_host(self.args.host)}:{self.args.ui_port}/"
+        watch = f"Watch the sagas in the saga explorer: {explorer}\n" if self.args.ui_port else ""
         self.console.print(
             f"\nThe shop is still running at {base} (API docs: {base}/docs). Try:\n"
             f"  curl -s -X POST {base}/customers -H 'content-type: application/json' "
@@ -336,6 +366,7 @@ class Demo:
             f"  curl -s -X POST {base}/orders -H 'content-type: application/json' "
             '-d \'{"customer_id": "<id>", "total": "42.00"}\'\n'
             f"  curl -s {base}/orders?state=APPROVED\n"
+            f"{watch}"
             "New sagas appear in the commands above while this runs. Ctrl-C to stop.",
             soft_wrap=True,
         )

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from infra.kafka import free_port
 
 
@@ -16,9 +18,11 @@ def test_ctrl_c_on_the_running_demo_exits_cleanly(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "CHOREO_"))}
     env |= {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     output = tmp_path / "output.txt"
+    ui_port = free_port()
     with output.open("wb") as sink:
+        ports = ["--port", str(free_port()), "--ui-port", str(ui_port)]
         demo = subprocess.Popen(
-            [sys.executable, "-m", "demo_shop", "--port", str(free_port()), "--data-dir", str(tmp_path / "data")],
+            [sys.executable, "-m", "demo_shop", *ports, "--data-dir", str(tmp_path / "data")],
             stdin=subprocess.DEVNULL,
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -32,6 +36,11 @@ def test_ctrl_c_on_the_running_demo_exits_cleanly(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, output.read_text()
                 time.sleep(0.2)
             assert demo.poll() is None, output.read_text()
+            # The demo serves the saga explorer beside the shop, and says where.
+            explorer = f"http://127.0.0.1:{ui_port}/"
+            assert f"Watch the sagas in the saga explorer: {explorer}" in output.read_text()
+            page = httpx.get(explorer, timeout=10)
+            assert page.status_code == 200 and 'class="n">' in page.text
             os.killpg(demo.pid, signal.SIGINT)
             started = time.monotonic()
             status = demo.wait(timeout=30)

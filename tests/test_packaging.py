@@ -165,7 +165,7 @@ def test_the_wheel_with_the_demo_extra_runs_the_demo_and_the_cli(tmp_path: Path)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    walkthrough = run(bin_dir / "demo-shop", "--once", "--port", str(port), timeout=300)
+    walkthrough = run(bin_dir / "demo-shop", "--once", "--port", str(port), "--ui-port", "0", timeout=300)
     assert f"all {len(FLOWS)} flows ended as expected" in walkthrough
 
     # The command the demo prints for its sagas runs as printed, from where the demo ran.
