@@ -40,7 +40,7 @@ def load_compose() -> dict[str, Any]:
 def test_compose_file_is_well_formed() -> None:
     compose = load_compose()
     services = compose["services"]
-    assert set(services) == {"kafka", "postgres", *SHOP}
+    assert set(services) == {"kafka", "postgres", *SHOP, "trace-collector", "explorer"}
     for name, spec in services.items():
         assert spec.get("healthcheck", {}).get("test"), f"{name} has no health check"
 
@@ -62,7 +62,7 @@ def test_compose_file_is_well_formed() -> None:
     assert len(init_scripts) == 1 and init_scripts[0].is_file()
     init_sql = init_scripts[0].read_text()
     databases = dict(re.findall(r"CREATE DATABASE (\w+) OWNER (\w+);", init_sql))
-    assert databases == {name: name for name in SHOP}, "one database per service, owned by its role"
+    assert databases == {**{name: name for name in SHOP}, "trace": "trace"}, "one database per service"
 
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY choreo" in dockerfile and "COPY demo_shop" in dockerfile
@@ -83,6 +83,18 @@ def test_compose_file_is_well_formed() -> None:
         assert f":{env['PORT']}/health" in " ".join(spec["healthcheck"]["test"])
         published = [p.rsplit(":", 1)[1] for p in spec.get("ports", [])]
         assert published == ([] if name == "payments" else [env["PORT"]]), "orders and customers APIs only"
+
+    # The trace collector and the saga explorer over its database and the services' own.
+    collector, explorer = services["trace-collector"], services["explorer"]
+    assert collector["command"] == ["python", "-m", "choreo.cli", "collect", "demo_shop"]
+    assert explorer["command"][:5] == ["python", "-m", "choreo.cli", "ui", "demo_shop"]
+    trace_url = collector["environment"]["CHOREO_TRACE_DATABASE_URL"]
+    assert explorer["environment"]["CHOREO_TRACE_DATABASE_URL"] == trace_url
+    for name in SHOP:
+        own = services[name]["environment"]["DATABASE_URL"]
+        assert explorer["environment"][f"CHOREO_{name.upper()}_DATABASE_URL"] == own
+    assert explorer["ports"] == ["127.0.0.1:8700:8700"]
+    assert ":8700/health" in " ".join(explorer["healthcheck"]["test"])
 
 
 def free_port() -> int:
@@ -202,9 +214,10 @@ async def test_compose_services_run_as_local_processes(
     tmp_path: Path,
 ) -> None:
     compose = load_compose()["services"]
-    urls = {name: await fresh_pg_database(name) for name in SHOP}
-    ports = {name: free_port() for name in SHOP}
+    urls = {name: await fresh_pg_database(name) for name in (*SHOP, "trace")}
+    ports = {name: free_port() for name in (*SHOP, "explorer")}
     tansu = {"CHOREO_KAFKA_IDEMPOTENCE": "0", "CHOREO_KAFKA_FETCH_MAX_WAIT_MS": "5"} if kafka_kind == "tansu" else {}
+    kafka = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "CHOREO_KAFKA_TOPIC_PREFIX": topic_prefix, **tansu}
     with processes(tmp_path) as procs:
         for name in SHOP:
             assert {"DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "HOST", "PORT"} <= set(compose[name]["environment"])
@@ -219,19 +232,48 @@ async def test_compose_services_run_as_local_processes(
                 **tansu,
             )
             procs.start(name, compose[name]["command"], env)
+        collector = compose["trace-collector"]
+        env = local_environment(collector["environment"], CHOREO_TRACE_DATABASE_URL=urls["trace"], **kafka)
+        procs.start("trace-collector", collector["command"], env)
+        explorer = compose["explorer"]
+        command = [*explorer["command"][:-4], "--host", "127.0.0.1", "--port", str(ports["explorer"])]
+        service_urls = {f"CHOREO_{name.upper()}_DATABASE_URL": urls[name] for name in SHOP}
+        # compose interpolates ${CHOREO_UI_TOKEN:-}: unset there, so no token here either.
+        env = local_environment(
+            explorer["environment"],
+            CHOREO_TRACE_DATABASE_URL=urls["trace"],
+            CHOREO_UI_TOKEN="",
+            **service_urls,
+            **kafka,
+        )
+        procs.start("explorer", command, env)
 
         async with httpx.AsyncClient(timeout=10) as probe:
             await wait_healthy(probe, procs, ports, timeout=60)
         routes = {f"/{name}": f"http://127.0.0.1:{ports[name]}" for name in ("orders", "customers")}
         async with (
             httpx.AsyncClient(transport=RoutingTransport(routes), base_url="http://shop", timeout=10) as client,
-            engines_on(urls) as engines,
+            engines_on({name: urls[name] for name in SHOP}) as engines,
         ):
             results = await run_flows(client, engines, FLOWS, timeout=60)
             for result in results:
                 await assert_flow(engines, result)
             await assert_credit_consistent(engines["customers"])
             assert await dead_letters(engines) == []
+
+        # The collector indexed every saga from the topics, and the explorer shows them.
+        explorer_url = f"http://127.0.0.1:{ports['explorer']}"
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient(timeout=10) as browser:
+            while True:
+                page = (await browser.get(f"{explorer_url}/rows?window=1h")).text
+                counts = {s: int(n) for n, s in re.findall(r'<span class="n">(\d+)</span> ([a-z-]+)', page)}
+                if (counts.get("completed") == 3 and counts.get("compensated") == 2) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            assert counts == {"completed": 3, "compensated": 2, "failed": 0, "in-flight": 0, "overdue": 0}, counts
+            for result in results:
+                assert f'data-saga-id="{result.saga_id}"' in page
 
         procs.stop()
         for name in SHOP:

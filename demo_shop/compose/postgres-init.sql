@@ -8,3 +8,7 @@ CREATE DATABASE customers OWNER customers;
 
 CREATE ROLE payments LOGIN PASSWORD 'payments';
 CREATE DATABASE payments OWNER payments;
+
+-- The trace collector's index of every saga, read by the saga explorer.
+CREATE ROLE trace LOGIN PASSWORD 'trace';
+CREATE DATABASE trace OWNER trace;
