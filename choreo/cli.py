@@ -274,6 +274,8 @@ def render_trace(saga: SagaTrace, console: Console) -> None:
         marks = Text()
         if declaration is not None and event.event_type == declaration.starts and hop.parent is None:
             marks.append(f"▶ starts {declaration.name} ", style="cyan")
+        if event.cause_upcast and hop.parent is not None:
+            marks.append(f"⇡ took {hop.parent.event.event_type} upcast {event.cause_upcast} ", style="magenta")
         if event.is_compensation:
             marks.append(f"↺ undoes {', '.join(event.compensates)} ", style="yellow")
         if declaration is not None and event.event_type in declaration.ends:

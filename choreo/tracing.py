@@ -50,6 +50,7 @@ from choreo import deadletters
 from choreo.database import create_engine, insert_ignoring_duplicates, masked_url, normalize_url, require_existing
 from choreo.envelope import (
     CAUSATION_ID,
+    CAUSE_UPCAST,
     EVENT_ID,
     EVENT_TYPE,
     EVENT_VERSION,
@@ -116,6 +117,7 @@ events_table = Table(
     Column("reason", String(64)),
     Column("error", Text),
     Column("traceparent", String(64)),
+    Column("cause_upcast", String(32)),
     Column("recorded_at", UtcDateTime, nullable=False),
     # The dedup key: a record delivered or published twice is indexed once.
     UniqueConstraint("event_id", "kind", "consumer", name="uq_choreo_trace_event"),
@@ -156,6 +158,8 @@ class TracedEvent:
     reason: str | None = None
     error: str | None = None
     traceparent: str | None = None
+    cause_upcast: str | None = None
+    """`v1→v3` when the handler that emitted this event took its cause upcast from an older version."""
 
     @property
     def is_dead_letter(self) -> bool:
@@ -194,6 +198,7 @@ class TracedEvent:
             "reason": self.reason,
             "error": self.error,
             "traceparent": self.traceparent,
+            "cause_upcast": self.cause_upcast,
             "recorded_at": recorded_at,
         }
 
@@ -219,6 +224,7 @@ class TracedEvent:
             reason=row.reason,
             error=row.error,
             traceparent=row.traceparent,
+            cause_upcast=row.cause_upcast,
         )
 
 
@@ -265,6 +271,7 @@ def index_record(record: Record, compensations: Mapping[str, tuple[str, ...]] | 
         reason=headers.get(deadletters.REASON) if letter else None,
         error=headers.get(deadletters.ERROR) if letter else None,
         traceparent=(headers.get(TRACEPARENT) or None),
+        cause_upcast=headers.get(CAUSE_UPCAST, "")[:32] or None,
     )
 
 
@@ -462,6 +469,7 @@ class SagaTrace:
                 "compensates": list(event.compensates),
                 "seen": hop.seen,
                 "traceparent": event.traceparent,
+                "cause_upcast": event.cause_upcast,
                 "dead_letters": [
                     {
                         "consumer": letter.consumer,
@@ -516,6 +524,8 @@ class SagaTrace:
 
         def describe(hop: Hop) -> str:
             marks = " ↺" if hop.event.is_compensation else ""
+            if hop.event.cause_upcast and hop.parent is not None:
+                marks += f" (took {hop.parent.event.event_type} upcast {hop.event.cause_upcast})"
             timing = f" ({_format_ms(hop.latency)})" if hop.latency is not None else ""
             return _mermaid_text(f"{hop.event.by} emits {hop.event.event_type}{marks}{timing}")
 
