@@ -24,6 +24,7 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
@@ -32,7 +33,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
-from choreo import dlq
+from choreo import contract, dlq
 from choreo.database import masked_url, require_existing
 from choreo.exceptions import ChoreoError, ConfigurationError
 from choreo.graph import Choreography, configured_apps, discover, load_service, target_label
@@ -538,6 +539,46 @@ def relay(service_spec: ServiceArgument) -> None:
         typer.echo(f"{service.name} relay running")
 
     _run(serve(start, service.stop))
+
+
+contract_app = typer.Typer(
+    help="Export the event contract, and check the code against the contract of the last release.",
+    no_args_is_help=True,
+)
+app.add_typer(contract_app, name="contract")
+
+
+@contract_app.command("export")
+@handled
+def contract_export(targets: TargetsArgument = None) -> None:
+    """Print the event contract (JSON) of the apps' services: `choreo contract export app > contracts.json`."""
+    typer.echo(contract.dumps(contract.export(discover(*targets or ()))), nl=False)
+
+
+@contract_app.command("check")
+@handled
+def contract_check(
+    targets: TargetsArgument = None,
+    against: Annotated[
+        Path, typer.Option("--against", help="The contract of the last release (from `choreo contract export`)")
+    ] = Path("contracts.json"),
+) -> None:
+    """Compare the code with a stored contract; exit 1 on a change that would break a consumer."""
+    if not against.is_file():
+        raise ConfigurationError(f"no contract at {against}: write one with `choreo contract export > {against}`")
+    stored = contract.load(against.read_text(encoding="utf-8"), str(against))
+    changes = contract.check(stored, contract.export(discover(*targets or ())))
+    breaking = [c for c in changes if c.breaking]
+    for change in changes:
+        typer.echo(f"{'✗' if change.breaking else '·'} {change}")
+    if breaking:
+        typer.echo(
+            f"choreo contract check: {len(breaking)} breaking change(s) against {against}; see "
+            "'Changing an event' in choreo's README",
+            err=True,
+        )
+        raise typer.Exit(1)
+    typer.echo(f"✓ choreo contract check: compatible with {against} ({len(changes)} compatible change(s))")
 
 
 dlq_app = typer.Typer(
