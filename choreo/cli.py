@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
-from choreo import contract, dlq
+from choreo import asyncapi, contract, dlq
 from choreo.database import masked_url, require_existing
 from choreo.exceptions import ChoreoError, ConfigurationError
 from choreo.graph import Choreography, configured_apps, discover, load_service, target_label
@@ -539,6 +540,32 @@ def relay(service_spec: ServiceArgument) -> None:
         typer.echo(f"{service.name} relay running")
 
     _run(serve(start, service.stop))
+
+
+class DocFormat(StrEnum):
+    """Output formats of `choreo asyncapi`."""
+
+    yaml = "yaml"
+    json = "json"
+
+
+@app.command("asyncapi")
+@handled
+def asyncapi_document(
+    targets: TargetsArgument = None,
+    output: Annotated[DocFormat, typer.Option("--format", "-f", help="yaml or json")] = DocFormat.yaml,
+    title: Annotated[str | None, typer.Option(help="info.title [default: the apps' names]")] = None,
+    doc_version: Annotated[str, typer.Option("--doc-version", help="info.version")] = "0.0.0",
+) -> None:
+    """Print the choreography as an AsyncAPI 3.0 document: topics, events, who sends and receives."""
+    targets = targets or configured_apps()
+    doc = asyncapi.document(
+        discover(*targets), title=title or ", ".join(target_label(t) for t in targets), version=doc_version
+    )
+    if output is DocFormat.json:
+        typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), nl=False)
 
 
 contract_app = typer.Typer(
