@@ -42,8 +42,11 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    inspect,
     select,
+    text,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from choreo import deadletters
@@ -735,6 +738,16 @@ def _classify(
 # -- the store ---------------------------------------------------------------------------------
 
 
+def _add_new_columns(conn: Connection) -> None:
+    # The trace database is an index that outlives choreo upgrades (the demo keeps its file):
+    # a nullable column added in a later release is added to an older table, empty.
+    present = {column["name"] for column in inspect(conn).get_columns(events_table.name)}
+    for column in events_table.columns:
+        if column.name not in present and column.nullable:
+            name, kind = conn.dialect.identifier_preparer.quote(column.name), column.type.compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {events_table.name} ADD COLUMN {name} {kind}"))
+
+
 class TraceStore:
     """The trace database: written by the collector, read by `choreo trace` and `choreo sagas`."""
 
@@ -765,6 +778,7 @@ class TraceStore:
         self._engine = create_engine(self.url)
         async with self._engine.begin() as conn:
             await conn.run_sync(trace_metadata.create_all)
+            await conn.run_sync(_add_new_columns)
 
     async def close(self) -> None:
         """Close connections. Safe to call twice."""

@@ -10,16 +10,17 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 from rich.console import Console
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from choreo import Event, KafkaSettings, RetryPolicy, Service, Tx
 from choreo.cli import render_trace
+from choreo.database import create_engine
 from choreo.events import take_version
 from choreo.exceptions import RejectedRecord, SetupError
 from choreo.kafka import Record
 from choreo.tables import DeadLetter, OutboxRow
 from choreo.testing import in_memory, record_of
-from choreo.tracing import build_trace, index_record
+from choreo.tracing import TraceStore, build_trace, index_record, trace_metadata
 from tests.conftest import DatabaseFactory
 from tests.test_core_infra import eventually, records_on
 
@@ -207,3 +208,24 @@ async def test_a_v1_record_without_an_upcaster_path_is_dead_lettered_naming_the_
     assert (letter.reason, letter.consumer, letter.attempts) == ("unknown-version", "sorter.stack", 1)
     assert "evo.crate v1" in letter.error
     assert "no upcaster lifts v1 to v2: register one with @Crate.upcaster(from_version=1)" in letter.error
+
+
+async def test_a_trace_database_from_before_upcasts_gains_the_column_and_keeps_its_records(
+    database: DatabaseFactory,
+) -> None:
+    url = await database("trace")
+    engine = create_engine(url)
+    async with engine.begin() as conn:  # the table as the release before upcasts created it
+        await conn.run_sync(trace_metadata.create_all)
+        await conn.execute(text("ALTER TABLE choreo_trace_event DROP COLUMN cause_upcast"))
+    await engine.dispose()
+    old = index_record(record_of(ParcelV1(parcel_id="p1", weight=1), saga_id="saga-old-db", event_id="e-old"))
+    routed = record_of(Routed(parcel_id="p1", weight_grams=1, carrier="post"), saga_id="saga-old-db")
+    headers = (*routed.headers, ("choreo-cause-upcast", "v1→v3".encode()), ("choreo-causation-id", b"e-old"))
+    new = index_record(Record(routed.topic, 0, 1, routed.key, routed.value, headers))
+    assert old is not None and new is not None
+    async with TraceStore(url) as store:
+        assert await store.add_all([old, new]) == [True, True]
+        records = {r.event_id: r for r in await store.records("saga-old-db")}
+    assert records[new.event_id].cause_upcast == "v1→v3"
+    assert records["e-old"].cause_upcast is None
