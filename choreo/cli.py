@@ -9,6 +9,9 @@
     choreo check demo_shop                   static verification (non-zero exit on problems)
     choreo run demo_shop.orders.handlers:service
     choreo relay demo_shop.orders.handlers:service
+    choreo contract check demo_shop --against demo_shop/contracts.json
+    choreo asyncapi demo_shop --format yaml  the choreography as an AsyncAPI 3.0 document
+    choreo rebuild demo_shop.order_history.handlers:service   replay a read model from its topics
 
 Errors are one line on stderr and a non-zero exit; `CHOREO_DEBUG=1` shows the traceback.
 """
@@ -34,7 +37,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
-from choreo import asyncapi, contract, dlq
+from choreo import asyncapi, contract, dlq, readmodel
 from choreo.database import masked_url, require_existing
 from choreo.exceptions import ChoreoError, ConfigurationError
 from choreo.graph import Choreography, configured_apps, discover, load_service, target_label
@@ -651,6 +654,31 @@ async def _select(
     if not (ids or saga or handler):
         raise ConfigurationError("name the letters: ids, --saga or --handler")
     return await dlq.letters(service, ids=ids or (), saga_id=saga, consumer=handler, status=status, limit=10_000)
+
+
+@app.command()
+@handled
+def rebuild(service_spec: ServiceArgument, db: ServiceDbOption = None) -> None:
+    """Empty a read model (a service that emits nothing) and rewind its consumer group.
+
+    Stop every instance first; its next start replays the topics from their start.
+    """
+    service = _letters_of(service_spec, db)
+    readmodel.require_read_model(service)
+
+    async def main() -> readmodel.Rebuilt:
+        await _open(service)
+        try:
+            return await readmodel.rebuild(service)
+        finally:
+            await service.stop()
+
+    done = _run(main())
+    topics = ", ".join(f"{topic} ({n} partitions)" for topic, n in done.partitions.items())
+    typer.echo(
+        f"✓ {service.name}: consumer group {done.group_id} rewound to the start of {topics}; "
+        f"emptied {', '.join(done.tables) or 'no tables'} and the inbox. Start the service to replay."
+    )
 
 
 @dlq_app.command("list")

@@ -27,6 +27,7 @@ from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.security import parse_security
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
+from choreo.exceptions import SetupError
 from choreo.outbox import OutboxRecord
 from choreo.settings import KafkaSettings
 
@@ -485,3 +486,43 @@ _POLL_TIMEOUT_MS = 1000
 """How long one poll waits for records; it returns as soon as any arrive."""
 _ASSIGN_TIMEOUT = 5.0
 """How long an assignment waits for the group's committed offsets before going on without them."""
+
+
+async def rewind_group(settings: KafkaSettings, group_id: str, topics: Sequence[str]) -> dict[str, int]:
+    """Commit the start of every partition of `topics` as `group_id`'s offsets; returns the partitions per topic.
+
+    Kafka accepts these commits only while the group has no members, so a running consumer of
+    the group makes this fail (SetupError) instead of being rewound under its feet.
+    """
+    security = parse_security(security_for(settings))
+    # The producer's partitions_for() waits for a topic's metadata; the consumer's does not.
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **security)
+    await producer.start()
+    try:
+        partitions = [
+            TopicPartition(settings.topic_prefix + topic, partition)
+            for topic in topics
+            for partition in sorted(await producer.partitions_for(settings.topic_prefix + topic))
+        ]
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=settings.group(group_id),
+        enable_auto_commit=False,
+        **security,
+    )
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        starts = await consumer.beginning_offsets(partitions)
+        try:
+            await consumer.commit(dict(starts))
+        except KafkaError as error:
+            raise SetupError(
+                f"cannot rewind consumer group {settings.group(group_id)!r} ({type(error).__name__}): "
+                "stop every instance of the service first"
+            ) from error
+    finally:
+        await consumer.stop()
+    return {topic: sum(1 for tp in partitions if tp.topic == settings.topic_prefix + topic) for topic in topics}
