@@ -183,7 +183,13 @@ def take_version(candidates: Iterable[type[Event]], name: str, version: int) -> 
             return event_type
     taken = [t.event_version for t in versions]
     target = versions[-1] if versions else None
-    if target is None or not 1 <= version < target.event_version:
+    if target is not None and version > target.event_version:
+        raise RejectedRecord(
+            "unknown-version",
+            f"{name} v{version}; the handler takes version(s) {taken}: a producer runs a newer release than this "
+            "consumer; release consumers first, then replay the letter",
+        )
+    if target is None or version < 1:
         raise RejectedRecord("unknown-version", f"{name} v{version}; the handler takes version(s) {taken}")
     gap = target.missing_upcaster(version)
     assert gap is not None  # else the loop above would have taken `target`

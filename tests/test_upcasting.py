@@ -126,8 +126,10 @@ def test_take_version_prefers_an_exact_class_and_names_a_missing_upcaster() -> N
     assert missing.value.reason == "unknown-version"
     assert "no upcaster lifts v1 to v2" in str(missing.value)
     assert "@Crate.upcaster(from_version=1)" in str(missing.value)
-    with pytest.raises(RejectedRecord, match=r"evo.parcel v4; the handler takes version\(s\) \[3\]"):
+    with pytest.raises(RejectedRecord, match=r"evo.parcel v4; the handler takes version\(s\) \[3\]: a producer"):
         take_version([Parcel], "evo.parcel", 4)
+    with pytest.raises(RejectedRecord, match=r"evo.parcel v0; the handler takes version\(s\) \[3\]$"):
+        take_version([Parcel], "evo.parcel", 0)
 
 
 def test_upcasters_are_declared_on_the_newer_version_once() -> None:
