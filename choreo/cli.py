@@ -9,6 +9,9 @@
     choreo check demo_shop                   static verification (non-zero exit on problems)
     choreo run demo_shop.orders.handlers:service
     choreo relay demo_shop.orders.handlers:service
+    choreo contract check demo_shop --against demo_shop/contracts.json
+    choreo asyncapi demo_shop --format yaml  the choreography as an AsyncAPI 3.0 document
+    choreo rebuild demo_shop.order_history.handlers:service   replay a read model from its topics
 
 Errors are one line on stderr and a documented exit status (1: the command failed, 2: bad input
 or setting, 69: the database or Kafka cannot be reached or used); `CHOREO_DEBUG=1` or
@@ -26,15 +29,17 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
-from choreo import __version__, dlq
+from choreo import __version__, asyncapi, contract, dlq, readmodel
 from choreo.database import masked_url, require_existing
 from choreo.exceptions import ChoreoError, ConfigurationError, DependencyUnavailable
 from choreo.graph import Choreography, configured_apps, discover, load_service, target_label
@@ -314,6 +319,8 @@ def render_trace(saga: SagaTrace, console: Console) -> None:
         marks = Text()
         if declaration is not None and event.event_type == declaration.starts and hop.parent is None:
             marks.append(f"▶ starts {declaration.name} ", style="cyan")
+        if event.cause_upcast and hop.parent is not None:
+            marks.append(f"⇡ took {hop.parent.event.event_type} upcast {event.cause_upcast} ", style="magenta")
         if event.is_compensation:
             marks.append(f"↺ undoes {', '.join(event.compensates)} ", style="yellow")
         if declaration is not None and event.event_type in declaration.ends:
@@ -624,6 +631,72 @@ def ui(
     uvicorn.run(explorer, host=host, port=port, log_level="warning")
 
 
+class DocFormat(StrEnum):
+    """Output formats of `choreo asyncapi`."""
+
+    yaml = "yaml"
+    json = "json"
+
+
+@app.command("asyncapi")
+@handled
+def asyncapi_document(
+    targets: TargetsArgument = None,
+    output: Annotated[DocFormat, typer.Option("--format", "-f", help="yaml or json")] = DocFormat.yaml,
+    title: Annotated[str | None, typer.Option(help="info.title [default: the apps' names]")] = None,
+    doc_version: Annotated[str, typer.Option("--doc-version", help="info.version")] = "0.0.0",
+) -> None:
+    """Print the choreography as an AsyncAPI 3.0 document: topics, events, who sends and receives."""
+    targets = targets or configured_apps()
+    doc = asyncapi.document(
+        discover(*targets), title=title or ", ".join(target_label(t) for t in targets), version=doc_version
+    )
+    if output is DocFormat.json:
+        typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), nl=False)
+
+
+contract_app = typer.Typer(
+    help="Export the event contract, and check the code against the contract of the last release.",
+    no_args_is_help=True,
+)
+app.add_typer(contract_app, name="contract")
+
+
+@contract_app.command("export")
+@handled
+def contract_export(targets: TargetsArgument = None) -> None:
+    """Print the event contract (JSON) of the apps' services: `choreo contract export app > contracts.json`."""
+    typer.echo(contract.dumps(contract.export(discover(*targets or ()))), nl=False)
+
+
+@contract_app.command("check")
+@handled
+def contract_check(
+    targets: TargetsArgument = None,
+    against: Annotated[
+        Path, typer.Option("--against", help="The contract of the last release (from `choreo contract export`)")
+    ] = Path("contracts.json"),
+) -> None:
+    """Compare the code with a stored contract; exit 1 on a change that would break a consumer."""
+    if not against.is_file():
+        raise ConfigurationError(f"no contract at {against}: write one with `choreo contract export > {against}`")
+    stored = contract.load(against.read_text(encoding="utf-8"), str(against))
+    changes = contract.check(stored, contract.export(discover(*targets or ())))
+    breaking = [c for c in changes if c.breaking]
+    for change in changes:
+        typer.echo(f"{'✗' if change.breaking else '·'} {change}")
+    if breaking:
+        typer.echo(
+            f"choreo contract check: {len(breaking)} breaking change(s) against {against}; see "
+            "'Changing an event' in choreo's README",
+            err=True,
+        )
+        raise typer.Exit(1)
+    typer.echo(f"✓ choreo contract check: compatible with {against} ({len(changes)} compatible change(s))")
+
+
 dlq_app = typer.Typer(
     help="Operate a service's dead letters: list, show, replay, discard (nothing is ever deleted).",
     no_args_is_help=True,
@@ -668,6 +741,31 @@ async def _select(
     if not (ids or saga or handler):
         raise ConfigurationError("name the letters: ids, --saga or --handler")
     return await dlq.letters(service, ids=ids or (), saga_id=saga, consumer=handler, status=status, limit=10_000)
+
+
+@app.command()
+@handled
+def rebuild(service_spec: ServiceArgument, db: ServiceDbOption = None) -> None:
+    """Empty a read model (a service that emits nothing) and rewind its consumer group.
+
+    Stop every instance first; its next start replays the topics from their start.
+    """
+    service = _letters_of(service_spec, db)
+    readmodel.require_read_model(service)
+
+    async def main() -> readmodel.Rebuilt:
+        await _open(service)
+        try:
+            return await readmodel.rebuild(service)
+        finally:
+            await service.stop()
+
+    done = _run(main())
+    topics = ", ".join(f"{topic} ({n} partitions)" for topic, n in done.partitions.items())
+    typer.echo(
+        f"✓ {service.name}: consumer group {done.group_id} rewound to the start of {topics}; "
+        f"emptied {', '.join(done.tables) or 'no tables'} and the inbox. Start the service to replay."
+    )
 
 
 @dlq_app.command("list")

@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 from choreo import deadletters, otel
 from choreo.database import claim_inbox, is_transient
 from choreo.envelope import Envelope, check_key, decode_headers, utcnow
-from choreo.events import Event, EventRegistry
+from choreo.events import Event, EventRegistry, take_version
 from choreo.exceptions import HandlerFailed, RejectedRecord
 from choreo.kafka import Record
 from choreo.tx import Tx
@@ -42,13 +42,6 @@ class Handler:
     event_types: tuple[type[Event], ...]
     emits: frozenset[type[Event]]
     max_attempts: int | None = None
-
-    def event_type_for(self, name: str, version: int) -> type[Event] | None:
-        """The class this handler takes for a wire name and version, if any."""
-        for event_type in self.event_types:
-            if event_type.event_name == name and event_type.event_version == version:
-                return event_type
-        return None
 
 
 @dataclass(frozen=True)
@@ -183,24 +176,15 @@ class Consumer:
             log.info("%s: ignoring unknown event type %r", self.service, envelope.event_type)
 
     async def _dispatch(self, handler: Handler, record: Record, envelope: Envelope) -> Outcome:
-        event_type = handler.event_type_for(envelope.event_type, envelope.event_version)
-        if event_type is None:
-            known = sorted(t.event_version for t in handler.event_types if t.event_name == envelope.event_type)
-            return await self._park(
-                record,
-                handler.name,
-                "unknown-version",
-                f"{envelope.event_type} v{envelope.event_version}; {handler.name} takes version(s) {known}",
-                None,
-                1,
-                utcnow(),
-            )
-        if not record.value:
-            return await self._park(
-                record, handler.name, "empty-value", "the record has no value (a tombstone?)", None, 1, utcnow()
-            )
+        # Versions: the handler's class for this wire name takes the record directly, or
+        # through the upcasters of its older versions (applied to the JSON before validation).
         try:
-            event = event_type.model_validate_json(record.value)
+            event_type = take_version(handler.event_types, envelope.event_type, envelope.event_version)
+            if not record.value:
+                raise RejectedRecord("empty-value", "the record has no value (a tombstone?)")
+            event = event_type.from_wire(record.value, envelope.event_version)
+        except RejectedRecord as rejected:
+            return await self._park(record, handler.name, rejected.reason, str(rejected), None, 1, utcnow())
         except ValidationError as invalid:
             reason = "invalid-json" if invalid.errors()[0]["type"] == "json_invalid" else "schema-violation"
             return await self._park(record, handler.name, reason, str(invalid), None, 1, utcnow())
@@ -258,6 +242,8 @@ class Consumer:
                 # effects and the "processed" mark commit or roll back together.
                 if not await claim_inbox(tx.session, handler.name, envelope.event_id, utcnow()):
                     return False
+                if event.event_version != envelope.event_version:
+                    tx.cause_upcast = f"v{envelope.event_version}→v{event.event_version}"  # shown by `choreo trace`
                 try:
                     tx.emit_result(await handler.func(event, tx))
                 except DBAPIError:

@@ -22,6 +22,7 @@ PRODUCER = "choreo-producer"
 HANDLER = "choreo-handler"
 OCCURRED_AT = "choreo-occurred-at"
 TRACEPARENT = "traceparent"
+CAUSE_UPCAST = "choreo-cause-upcast"
 
 # What reaches a column must fit it (choreo/tables.py): ids are String(64), event types and
 # keys String(255); PostgreSQL rejects NUL in text and enforces the lengths SQLite ignores.
@@ -55,6 +56,8 @@ class Envelope:
     handler: str | None = None
     occurred_at: datetime = field(default_factory=utcnow)
     traceparent: str | None = None
+    cause_upcast: str | None = None
+    """`v1→v3` when the handler that emitted this event took its cause upcast from an older version."""
 
     def to_headers(self) -> dict[str, str]:
         """The envelope as Kafka headers (absent values are left out)."""
@@ -72,6 +75,8 @@ class Envelope:
             headers[HANDLER] = self.handler
         if self.traceparent is not None:
             headers[TRACEPARENT] = self.traceparent
+        if self.cause_upcast is not None:
+            headers[CAUSE_UPCAST] = self.cause_upcast
         return headers
 
     @classmethod
@@ -106,6 +111,7 @@ class Envelope:
             handler=headers.get(HANDLER),
             occurred_at=occurred_at,
             traceparent=headers.get(TRACEPARENT),
+            cause_upcast=headers.get(CAUSE_UPCAST),
         )
 
 

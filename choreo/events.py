@@ -6,17 +6,39 @@
 
 The wire name, not the Python path, identifies an event between services, so classes can be
 renamed or moved freely. Fields may grow; consumers ignore fields they do not know.
+
+Anything else (a field removed, renamed, retyped or made required) is a new version, plus an
+upcaster that turns the previous version's payload into the new one:
+
+    class OrderCreated(Event, name="order.created", topic="orders", version=2):
+        order_id: str
+        total: Decimal
+        currency: str
+
+    @OrderCreated.upcaster(from_version=1)
+    def add_currency(payload: dict[str, Any]) -> dict[str, Any]:
+        return {**payload, "currency": "EUR"}
+
+A consumer whose handler takes v2 then receives a v1 record as a v2 instance: the upcasters
+run on the JSON payload, in version order, before validation. See "Changing an event" in the
+README for the whole workflow.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 
-from choreo.exceptions import SetupError
+from choreo.exceptions import RejectedRecord, SetupError
+
+Payload = dict[str, Any]
+Upcaster = Callable[[Payload], Payload]
+"""Turns the JSON payload of one version of an event into the payload of the next version."""
+
+_PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload)
 
 _WIRE_NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
 _TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
@@ -36,6 +58,8 @@ class Event(BaseModel):
     event_key: ClassVar[str | None]
     compensates: ClassVar[tuple[type[Event], ...]]
     event_external: ClassVar[bool]
+    event_upcasters: ClassVar[dict[int, Upcaster]]
+    """`from_version` → the function that lifts that version's payload one version up."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # The class keywords are read in __pydantic_init_subclass__, once the fields exist.
@@ -84,6 +108,56 @@ class Event(BaseModel):
             raise SetupError(f"event {name}: external= must be True or False, got {external!r}")
         cls.event_external = external
         cls.compensates = undone
+        cls.event_upcasters = {}
+
+    @classmethod
+    def upcaster(cls, *, from_version: int) -> Callable[[Upcaster], Upcaster]:
+        """Register the decorated function as the upcaster of `from_version` to `from_version + 1`."""
+        if not is_event_type(cls) or not isinstance(from_version, int) or not 1 <= from_version < cls.event_version:
+            raise SetupError(
+                f"{cls.__qualname__}.upcaster(from_version={from_version!r}): the version must be an older "
+                f"version of this event, 1 to {getattr(cls, 'event_version', 1) - 1}"
+            )
+
+        def register(func: Upcaster) -> Upcaster:
+            known = cls.event_upcasters.get(from_version)
+            if known is not None and known is not func:
+                raise SetupError(
+                    f"event {cls.event_name}: two upcasters from v{from_version}: "
+                    f"{known.__qualname__} and {func.__qualname__}; keep one"
+                )
+            cls.event_upcasters[from_version] = func
+            return func
+
+        return register
+
+    @classmethod
+    def missing_upcaster(cls, from_version: int) -> int | None:
+        """The first version between `from_version` and this one without an upcaster, else None."""
+        for version in range(from_version, cls.event_version):
+            if version not in cls.event_upcasters:
+                return version
+        return None
+
+    @classmethod
+    def from_wire(cls, value: bytes, version: int) -> Event:
+        """Validate a record's JSON value of `version`, upcasting it first when it is older.
+
+        Raises pydantic's ValidationError for invalid JSON or a schema violation, and
+        RejectedRecord("upcast-error") when an upcaster fails.
+        """
+        if version == cls.event_version:
+            return cls.model_validate_json(value)  # the hot path: parsed once, by pydantic
+        payload = _PAYLOAD.validate_json(value)
+        for step in range(version, cls.event_version):
+            try:
+                payload = cls.event_upcasters[step](payload)
+            except Exception as error:
+                raise RejectedRecord(
+                    "upcast-error",
+                    f"{cls.event_name} upcaster v{step}→v{step + 1} failed: {type(error).__name__}: {error}",
+                ) from error
+        return cls.model_validate(payload)
 
     def kafka_key(self, saga_id: str) -> str:
         """The Kafka key this event is published with: its key field, else the saga id."""
@@ -95,6 +169,35 @@ class Event(BaseModel):
 def is_event_type(obj: object) -> bool:
     """True for a concrete (named) Event subclass."""
     return isinstance(obj, type) and issubclass(obj, Event) and "event_name" in vars(obj)
+
+
+def take_version(candidates: Iterable[type[Event]], name: str, version: int) -> type[Event]:
+    """The class among `candidates` that takes a record of `name` at `version`, directly or upcast.
+
+    The oldest class at or above `version` whose upcasters reach back to it wins (an exact
+    match needs none). Raises RejectedRecord("unknown-version") naming what is missing.
+    """
+    versions = sorted((t for t in candidates if t.event_name == name), key=lambda t: t.event_version)
+    for event_type in versions:
+        if event_type.event_version >= version and event_type.missing_upcaster(version) is None:
+            return event_type
+    taken = [t.event_version for t in versions]
+    target = versions[-1] if versions else None
+    if target is not None and version > target.event_version:
+        raise RejectedRecord(
+            "unknown-version",
+            f"{name} v{version}; the handler takes version(s) {taken}: a producer runs a newer release than this "
+            "consumer; release consumers first, then replay the letter",
+        )
+    if target is None or version < 1:
+        raise RejectedRecord("unknown-version", f"{name} v{version}; the handler takes version(s) {taken}")
+    gap = target.missing_upcaster(version)
+    assert gap is not None  # else the loop above would have taken `target`
+    raise RejectedRecord(
+        "unknown-version",
+        f"{name} v{version}; the handler takes version(s) {taken} and no upcaster lifts v{gap} to v{gap + 1}: "
+        f"register one with @{target.__qualname__}.upcaster(from_version={gap})",
+    )
 
 
 def describe(event_type: type[Event]) -> str:

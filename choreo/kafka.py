@@ -39,7 +39,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
-from choreo.exceptions import NotSent, Unpublishable
+from choreo.exceptions import NotSent, SetupError, Unpublishable
 from choreo.outbox import OutboxRecord
 from choreo.security import check_client_options, options_for, security_for, start_client
 from choreo.settings import KafkaSettings
@@ -616,3 +616,40 @@ _POLL_TIMEOUT_MS = 1000
 """How long one poll waits for records; it returns as soon as any arrive."""
 _ASSIGN_TIMEOUT = 5.0
 """How long an assignment waits for the group's committed offsets before going on without them."""
+
+
+async def rewind_group(settings: KafkaSettings, group_id: str, topics: Sequence[str]) -> dict[str, int]:
+    """Commit the start of every partition of `topics` as `group_id`'s offsets; returns the partitions per topic.
+
+    Kafka accepts these commits only while the group has no members, so a running consumer of
+    the group makes this fail (SetupError) instead of being rewound under its feet.
+    """
+    security = security_for(settings)
+    # The producer's partitions_for() waits for a topic's metadata; the consumer's does not.
+    producer_options = options_for(AIOKafkaProducer, settings, security)
+    producer = AIOKafkaProducer(**producer_options)
+    await start_client(producer, settings, producer_options)
+    try:
+        partitions = [
+            TopicPartition(settings.topic_prefix + topic, partition)
+            for topic in topics
+            for partition in sorted(await producer.partitions_for(settings.topic_prefix + topic))
+        ]
+    finally:
+        await producer.stop()
+    consumer_options = options_for(AIOKafkaConsumer, settings, security)
+    consumer = AIOKafkaConsumer(group_id=settings.group(group_id), enable_auto_commit=False, **consumer_options)
+    await start_client(consumer, settings, consumer_options)
+    try:
+        consumer.assign(partitions)
+        starts = await consumer.beginning_offsets(partitions)
+        try:
+            await consumer.commit(dict(starts))
+        except KafkaError as error:
+            raise SetupError(
+                f"cannot rewind consumer group {settings.group(group_id)!r} ({type(error).__name__}): "
+                "stop every instance of the service first"
+            ) from error
+    finally:
+        await consumer.stop()
+    return {topic: sum(1 for tp in partitions if tp.topic == settings.topic_prefix + topic) for topic in topics}

@@ -44,14 +44,18 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    inspect,
     select,
+    text,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from choreo import deadletters
 from choreo.database import create_engine, insert_ignoring_duplicates, masked_url, normalize_url, require_existing
 from choreo.envelope import (
     CAUSATION_ID,
+    CAUSE_UPCAST,
     EVENT_ID,
     EVENT_TYPE,
     EVENT_VERSION,
@@ -118,6 +122,7 @@ events_table = Table(
     Column("reason", String(64)),
     Column("error", Text),
     Column("traceparent", String(64)),
+    Column("cause_upcast", String(32)),
     Column("recorded_at", UtcDateTime, nullable=False),
     # The dedup key: a record delivered or published twice is indexed once.
     UniqueConstraint("event_id", "kind", "consumer", name="uq_choreo_trace_event"),
@@ -197,6 +202,8 @@ class TracedEvent:
     reason: str | None = None
     error: str | None = None
     traceparent: str | None = None
+    cause_upcast: str | None = None
+    """`v1→v3` when the handler that emitted this event took its cause upcast from an older version."""
 
     @property
     def is_dead_letter(self) -> bool:
@@ -235,6 +242,7 @@ class TracedEvent:
             "reason": self.reason,
             "error": self.error,
             "traceparent": self.traceparent,
+            "cause_upcast": self.cause_upcast,
             "recorded_at": recorded_at,
         }
 
@@ -260,6 +268,7 @@ class TracedEvent:
             reason=row.reason,
             error=row.error,
             traceparent=row.traceparent,
+            cause_upcast=row.cause_upcast,
         )
 
 
@@ -306,6 +315,7 @@ def index_record(record: Record, compensations: Mapping[str, tuple[str, ...]] | 
         reason=headers.get(deadletters.REASON) if letter else None,
         error=headers.get(deadletters.ERROR) if letter else None,
         traceparent=(headers.get(TRACEPARENT) or None),
+        cause_upcast=headers.get(CAUSE_UPCAST, "")[:32] or None,
     )
     # Headers come from any producer: a NUL or an over-long value must not make the insert
     # fail, which would stall the collector on that record forever. Cut to fit, cleaned.
@@ -511,6 +521,7 @@ class SagaTrace:
                 "compensates": list(event.compensates),
                 "seen": hop.seen,
                 "traceparent": event.traceparent,
+                "cause_upcast": event.cause_upcast,
                 "dead_letters": [
                     {
                         "consumer": letter.consumer,
@@ -565,6 +576,8 @@ class SagaTrace:
 
         def describe(hop: Hop) -> str:
             marks = " ↺" if hop.event.is_compensation else ""
+            if hop.event.cause_upcast and hop.parent is not None:
+                marks += f" (took {hop.parent.event.event_type} upcast {hop.event.cause_upcast})"
             timing = f" ({_format_ms(hop.latency)})" if hop.latency is not None else ""
             return _mermaid_text(f"{hop.event.by} emits {hop.event.event_type}{marks}{timing}")
 
@@ -774,6 +787,16 @@ def _classify(
 # -- the store ---------------------------------------------------------------------------------
 
 
+def _add_new_columns(conn: Connection) -> None:
+    # The trace database is an index that outlives choreo upgrades (the demo keeps its file):
+    # a nullable column added in a later release is added to an older table, empty.
+    present = {column["name"] for column in inspect(conn).get_columns(events_table.name)}
+    for column in events_table.columns:
+        if column.name not in present and column.nullable:
+            name, kind = conn.dialect.identifier_preparer.quote(column.name), column.type.compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {events_table.name} ADD COLUMN {name} {kind}"))
+
+
 class TraceStore:
     """The trace database: written by the collector, read by `choreo trace` and `choreo sagas`."""
 
@@ -804,6 +827,7 @@ class TraceStore:
         self._engine = create_engine(self.url)
         async with self._engine.begin() as conn:
             await conn.run_sync(trace_metadata.create_all)
+            await conn.run_sync(_add_new_columns)
 
     async def close(self) -> None:
         """Close connections. Safe to call twice."""

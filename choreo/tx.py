@@ -46,6 +46,8 @@ class Tx:
         """Event ids of scheduled timeouts this transaction makes moot (their sagas ended)."""
         self._pending: list[PendingEvent] = []
         self.wake_relay = False
+        self.cause_upcast: str | None = None
+        """`v1→v3` when the consumer upcast the cause for the handler; copied onto every emitted event."""
         """Set when outbox rows were written besides `emit()`, so the relay is woken on commit."""
 
     @property
@@ -122,6 +124,7 @@ class Tx:
             occurred_at=now,
             traceparent=otel.current_traceparent(),
             event_id=event_id or new_id(),
+            cause_upcast=self.cause_upcast,
         )
         key = key if key is not None else event.kafka_key(self.saga_id)
         headers = envelope.to_headers()

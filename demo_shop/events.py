@@ -16,11 +16,19 @@ meaning. Each service emits on its own topic, keyed by saga id (choreo's default
 | `payments`  | `payment.refunded` (compensation)            | payments, on `order.cancelled`        |
 
 Money is `Decimal` with two decimal places; it travels as a JSON string ("113.13").
+
+Versions: `order.created` is at v2 (it gained `currency`); its upcaster turns a v1 record, from an
+older orders release or still on the topic, into v2 for the handlers. `contracts.json` beside
+this module is the contract of the last release: `choreo contract check demo_shop --against
+demo_shop/contracts.json` must pass before a release (see "Changing an event" in the README).
 """
 
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
+
+from pydantic import Field
 
 from choreo import Event
 
@@ -32,12 +40,25 @@ PAYMENTS = "payments"
 # -- orders ------------------------------------------------------------------------------------
 
 
-class OrderCreated(Event, name="order.created", topic=ORDERS):
-    """A customer placed an order: starts the `order` saga."""
+class OrderCreated(Event, name="order.created", topic=ORDERS, version=2):
+    """A customer placed an order: starts the `order` saga.
+
+    v2 added `currency`. It has a default, yet it is a new version: it changes what `total`
+    means, and a consumer still on v1 must dead-letter a v2 record rather than misread a total
+    in another currency. v1 orders were all in euros, which is what the upcaster says.
+    """
 
     order_id: str
     customer_id: str
     total: Decimal
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+    """ISO 4217 code of `total`."""
+
+
+@OrderCreated.upcaster(from_version=1)
+def order_created_in_euros(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 → v2: every v1 order was in euros. Keep until no v1 record is left on `orders`."""
+    return {**payload, "currency": "EUR"}
 
 
 class OrderApproved(Event, name="order.approved", topic=ORDERS):

@@ -55,7 +55,7 @@ MISSING_CANCEL = (
     "a handler of OrderCancelled that undoes it (emitting a compensation if others must know)\n"
 )
 
-CLEAN = "✓ choreo check: demo_shop, shipping_svc (4 services, 10 handlers, 1 saga): no problems\n"
+CLEAN = "✓ choreo check: demo_shop, shipping_svc (5 services, 11 handlers, 1 saga): no problems\n"
 
 runner = CliRunner()
 
@@ -87,7 +87,7 @@ def test_check_takes_several_apps(project: Path) -> None:
     assert (code, err) == (0, "")
     assert out == CLEAN
     code, out, _ = invoke("check", "demo_shop/", "shipping_svc.handlers:service")
-    assert code == 0 and "demo_shop, shipping_svc.handlers:service (4 services" in out
+    assert code == 0 and "demo_shop, shipping_svc.handlers:service (5 services" in out
 
 
 def test_graph_and_collect_take_several_apps(project: Path) -> None:
@@ -168,7 +168,7 @@ def test_a_service_that_forgets_the_cancellation_is_reported(project: Path) -> N
     code, out, err = invoke("check", "demo_shop", "shipping_forgetful")
     assert code == 1
     assert out == MISSING_CANCEL
-    assert err == "choreo check: 1 problem(s) in demo_shop, shipping_forgetful (4 services, 9 handlers, 1 saga)\n"
+    assert err == "choreo check: 1 problem(s) in demo_shop, shipping_forgetful (5 services, 10 handlers, 1 saga)\n"
     (problem,) = Choreography(discover("demo_shop", "shipping_forgetful")).check().problems
     assert (problem.kind, problem.subject) == (UNCANCELLED_STEP, "shipping/order.cancelled")
 

@@ -54,7 +54,7 @@ def _third_party_imports(package: str) -> Iterator[tuple[str, str]]:
 
 
 # choreo.devbroker (tansu, for demos) needs the demo extra, choreo.otel the otel extra.
-@pytest.mark.parametrize(("package", "extras"), [("choreo", ["otel", "demo"]), ("demo_shop", ["demo"])])
+@pytest.mark.parametrize(("package", "extras"), [("choreo", ["otel", "demo", "ui"]), ("demo_shop", ["demo"])])
 def test_each_extra_carries_what_its_code_imports(package: str, extras: list[str]) -> None:
     project = PYPROJECT["project"]
     declared = {_requirement_name(r) for r in project["dependencies"]}
