@@ -32,7 +32,8 @@ class PendingEvent:
     envelope: Envelope
     topic: str
     key: str
-    available_at: datetime
+    available_at: datetime | None
+    """When a scheduled event becomes due; None for an event due at once."""
     headers: dict[str, str]
     """`envelope.to_headers()`, computed once at emit time."""
     payload: bytes
@@ -186,7 +187,10 @@ async def write(session: AsyncSession, pending: Sequence[PendingEvent], now: dat
                 "headers": p.headers,
                 "payload": p.payload,
                 "created_at": now,
-                "available_at": p.available_at,
+                # An event due at once is due when written, by definition: were it given its
+                # emit time instead, a clock stepped back between emit and write would make it
+                # look scheduled (available_at > created_at) and wait for the clock to catch up.
+                "available_at": now if p.available_at is None else p.available_at,
             }
             for p in pending
         ],

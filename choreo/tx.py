@@ -83,7 +83,7 @@ class Tx:
         if at is not None and at.tzinfo is None:
             raise ValueError("emit(at=...) needs a timezone-aware datetime")
         now = utcnow()
-        available_at = at if at is not None else now + (delay or timedelta(0))
+        available_at = at if at is not None else (now + delay if delay else None)
         event_id = self._queue(event, key=key, available_at=available_at, now=now)
         saga = self._sagas.started_by.get(event_type)
         if saga is not None and saga.deadline is not None and saga.on_deadline is not None:
@@ -108,7 +108,7 @@ class Tx:
         self,
         event: Event,
         *,
-        available_at: datetime,
+        available_at: datetime | None,
         now: datetime,
         key: str | None = None,
         event_id: str | None = None,

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from choreo import Relay, outbox, tables
+from choreo import Event, Relay, Service, outbox, tables
 from choreo.database import create_engine
 from choreo.envelope import new_id, utcnow
 from choreo.outbox import OutboxRecord
@@ -318,3 +318,25 @@ async def test_the_backlog_counts_due_rows_of_both_kinds_since_they_became_due(e
         await conn.commit()
         assert (await outbox.backlog(conn, now))[0] == 1
         assert await outbox.backlog(conn, now + timedelta(minutes=6)) == (2, now - timedelta(seconds=2))
+
+
+async def test_an_immediate_row_stays_immediate_when_the_clock_steps_back(
+    database: DatabaseFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = Service("clock", database_url=await database("clock"))
+    service.declare(Ticked)
+    async with service.running(kafka=False):
+        async with service.transaction() as tx:
+            tx.emit(Ticked(n=1))
+            # NTP steps the clock back 5 s between emit() and the write at commit.
+            stepped_back = utcnow() - timedelta(seconds=5)
+            monkeypatch.setattr("choreo.service.utcnow", lambda: stepped_back)
+        async with service.engine.connect() as conn:
+            row = (await conn.execute(select(tables.outbox_table))).one()
+            assert row.available_at <= row.created_at, "an event due at once is not scheduled"
+            # Due now by the clock the relay reads, not only once it passes the emit time again.
+            assert [r.id for r in await outbox.fetch_due(conn, stepped_back, 10)] == [row.id]
+
+
+class Ticked(Event, name="clock.ticked", topic="clock"):
+    n: int
