@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -167,7 +168,8 @@ async def soak(
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": _commit(),
         "replicas": replicas,
-        "sagas": len(driver.sagas),
+        "sagas": sum(1 for saga in driver.sagas if saga.order_id is not None),
+        "attempts": len(driver.sagas),
         "offered_rate": rate,
         "flows": {flow: dict(counter) for flow, counter in states.items()},
         "http": {
@@ -177,15 +179,24 @@ async def soak(
             "http_5xx": len(driver.http_5xx),
             "unknown_outcomes": reconciled,
             "driver_errors": driver.errors[:20],
+            "http_5xx_after": after_which_fault(driver.http_5xx, injector.records),
         },
+        "exceptions_in_service_logs": errors_in_logs(shop),
         "faults": injector.records,
         "faults_by_kind": dict(Counter(f["kind"] for f in injector.records)),
         "relay_kills": relay_kills,
         "timings": timings,
         "records_on_topics": {topic: len(rs) for topic, rs in records.items()},
-        "invariants": {name: {"ok": not found, "violations": found} for name, found in invariants.items()},
+        "invariants": {
+            name: {"ok": not found, "count": len(found), "violations": shown(found)}
+            for name, found in invariants.items()
+        },
         "shop": shop.describe(),
     }
+
+
+def shown(found: list[str], limit: int = 8) -> list[str]:
+    return found if len(found) <= limit else [*found[:limit], f"... and {len(found) - limit} more"]
 
 
 def relay_kill_evidence(
@@ -205,6 +216,32 @@ def relay_kill_evidence(
         }
         for label, rows in unmarked.items()
     }
+
+
+def after_which_fault(http_5xx: list[dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, int]:
+    """How many 5xx answers came after each fault (before the next one)."""
+    counts: Counter[str] = Counter()
+    for answer in http_5xx:
+        before = [f"{f['kind']} {f['target']} at {f['at']}s" for f in records if f["at"] <= answer["at"]]
+        counts[before[-1] if before else "before any fault"] += 1
+    return dict(counts)
+
+
+ERROR_LINE = re.compile(r"^((?:sqlalchemy|asyncpg|aiokafka)[\w.]*(?:Error|Exception|Timeout)\w*):? ?(.{0,90})")
+
+
+def errors_in_logs(shop: Shop) -> dict[str, dict[str, int]]:
+    """Per replica, the final exception lines of the tracebacks in its log, counted."""
+    found: dict[str, dict[str, int]] = {}
+    for replica in shop.replicas:
+        counts: Counter[str] = Counter()
+        with contextlib.suppress(OSError):
+            for line in replica.log.read_text(errors="replace").splitlines():
+                match = ERROR_LINE.match(line)
+                if match and not line.startswith("sqlalchemy.dialects"):
+                    counts[f"{match[1]}: {match[2]}"] += 1
+        found[replica.name] = dict(counts.most_common(6))
+    return found
 
 
 def _commit() -> str:

@@ -102,6 +102,7 @@ class Driver:
     ) -> httpx.Response:
         """Send to a replica of `service`, round robin; retry only what surely was not sent."""
         deadline = time.monotonic() + give_up
+        pause = 0.2
         while True:
             replicas = self.shop.of(service)
             self._rr += 1
@@ -113,7 +114,9 @@ class Driver:
                 self.refused += 1
                 if time.monotonic() > deadline:
                     raise Unsent(f"{method} {path}: refused for {give_up}s") from None
-                await asyncio.sleep(0.25)
+                # Backing off: hundreds of waiting sagas retrying fast would starve the harness itself.
+                await asyncio.sleep(pause * self.rng.uniform(0.5, 1.5))
+                pause = min(2.0, pause * 2)
                 continue
             except httpx.TransportError as error:
                 self.lost += 1
@@ -157,11 +160,19 @@ class Driver:
         for _ in range(count):
             self._tasks.append(asyncio.create_task(self.run_saga(self.new_saga())))
 
+    def placed_or_pending(self) -> int:
+        """Sagas whose order was placed (201) or whose POST has not been answered yet.
+
+        Those whose response was lost count only once found placed: the total is met in sagas
+        that surely ran, not in attempts.
+        """
+        return sum(1 for s in self.sagas if s.placed in ("201", "not yet"))
+
     async def run(self, faults_done: asyncio.Event) -> None:
-        """Place sagas at the offered rate until `sagas_wanted` and the last fault, then wait for them."""
+        """Place sagas at the offered rate until `sagas_wanted` are placed and the last fault is over."""
         interval = 1.0 / self.rate
         next_at = time.monotonic()
-        while len(self.sagas) < self.sagas_wanted or not faults_done.is_set():
+        while self.placed_or_pending() < self.sagas_wanted or not faults_done.is_set():
             self._tasks.append(asyncio.create_task(self.run_saga(self.new_saga())))
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))

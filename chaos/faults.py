@@ -119,11 +119,11 @@ class Injector:
         return f"SIGKILL {replica.name}, restarted 1 s later"
 
     async def relay_kill(self, fault: Fault) -> str:
-        # Kill the process that leads the relay while rows wait in its outbox: a burst of orders
-        # fills it. Behind the proxy, its database connections are frozen first, so a batch it is
-        # publishing gets its Kafka acks but its mark never reaches PostgreSQL: killed then, the
-        # rows are on the topic and unmarked, exactly between publish and mark. Elsewhere the kill
-        # lands wherever the relay happens to be in its publish-mark cycle.
+        # Kill the process leading the relay while its produce request is on its way but not
+        # acknowledged: a burst of orders fills the outbox, the broker is frozen for a second
+        # (the relay's next batch waits unread in the broker's socket), the leader is killed,
+        # then the broker resumes and appends the batch nobody will mark. The next leader must
+        # publish those rows again: at-least-once, and in order.
         leader = await self._leader(fault.target)
         if leader is None:
             return "no relay leader found: skipped"
@@ -135,18 +135,17 @@ class Injector:
                 await asyncio.sleep(0.01)
         finally:
             await conn.close()
-        if leader.proxy is not None:
-            leader.proxy.blackhole()
+        self.shop.kafka.pause()
+        try:
             await asyncio.sleep(1.0)
-        leader.kill()
-        # Read before the dead leader's session is gone: its lock keeps a standby from marking.
-        unmarked = await self.shop.unpublished(fault.target)
-        if leader.proxy is not None:
-            leader.proxy.sever()
+            leader.kill()
+            # Read before the next leader can mark anything: the broker still answers nobody.
+            unmarked = await self.shop.unpublished(fault.target)
+        finally:
+            self.shop.kafka.resume()
         self.unmarked[f"{fault.target} at {time.monotonic() - self.driver.started:.1f}s"] = unmarked
         await self._restart(leader)
-        how = "its database connections frozen 1 s, then " if leader.proxy is not None else ""
-        return f"{how}SIGKILL relay leader {leader.name} with {len(unmarked)} due rows unmarked in its outbox"
+        return f"broker frozen 1 s, SIGKILL relay leader {leader.name} with {len(unmarked)} due rows unmarked"
 
     async def kafka_pause(self, fault: Fault) -> str:
         self.shop.kafka.pause()

@@ -23,7 +23,6 @@ class BlackholeProxy:
         """Local ports of the proxy's own connections to upstream (what PostgreSQL sees as client_port)."""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> BlackholeProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -44,20 +43,6 @@ class BlackholeProxy:
     def resume(self) -> None:
         self.flowing.set()
 
-    def sever(self) -> None:
-        """Reset every open connection, dropping the bytes held back, then let new ones flow.
-
-        What a peer sees when a partition ends with the process on the other side already dead:
-        the connection is gone, and what was sent into the partition never arrived.
-        """
-        for writer in list(self._writers):
-            transport = writer.transport
-            if isinstance(transport, asyncio.Transport):
-                transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        self.flowing.set()
-
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         # A connection opened while blackholed hangs too: its handshake bytes wait like any other.
         await self.flowing.wait()
@@ -68,7 +53,6 @@ class BlackholeProxy:
             return
         local_port = upstream_w.get_extra_info("sockname")[1]
         self.upstream_ports.add(local_port)
-        self._writers.update((client_w, upstream_w))
         pumps = [
             asyncio.ensure_future(self._pump(client_r, upstream_w)),
             asyncio.ensure_future(self._pump(upstream_r, client_w)),
@@ -81,7 +65,6 @@ class BlackholeProxy:
                 pump.cancel()
             self._tasks.difference_update(pumps)
             self.upstream_ports.discard(local_port)
-            self._writers.difference_update((client_w, upstream_w))
             for writer in (client_w, upstream_w):
                 with contextlib.suppress(Exception):
                     writer.close()

@@ -11,7 +11,10 @@ BEGIN, END = "<!-- chaos:begin (written by python -m chaos) -->", "<!-- chaos:en
 
 def summary(result: dict[str, Any]) -> str:
     """Plain text: sagas by flow, faults with times, timings, each invariant and its violations."""
-    lines = [f"== {result['run']}: {result['sagas']} sagas, {result['replicas']} process(es) per service"]
+    lines = [
+        f"== {result['run']}: {result['sagas']} sagas placed ({result.get('attempts')} attempts), "
+        f"{result['replicas']} process(es) per service"
+    ]
     for flow, ends in result["flows"].items():
         lines.append(f"  {flow:24} " + ", ".join(f"{n} {state}" for state, n in sorted(ends.items())))
     http = result["http"]
@@ -33,9 +36,19 @@ def summary(result: dict[str, Any]) -> str:
             f"were on the topic twice (published before the kill and again after)"
         )
     for name, outcome in result["invariants"].items():
-        lines.append(f"  {'PASS' if outcome['ok'] else 'FAIL'} {name}")
+        lines.append(f"  {'PASS' if outcome['ok'] else f'FAIL ({count(outcome)})'} {name}")
         lines += [f"       - {v}" for v in outcome["violations"]]
     return "\n".join(lines)
+
+
+def count(outcome: dict[str, Any]) -> int:
+    """How many violations an invariant had (older results kept only the first few, and a tally)."""
+    if "count" in outcome:
+        return int(outcome["count"])
+    found = outcome["violations"]
+    if found and found[-1].startswith("... and "):
+        return len(found) - 1 + int(found[-1].split()[2])
+    return len(found)
 
 
 def _table(results: list[dict[str, Any]]) -> list[str]:
@@ -47,16 +60,17 @@ def _table(results: list[dict[str, Any]]) -> list[str]:
 
     row("date, commit", lambda r: f"{r['date']}, {r['commit']}")
     row("processes per service", lambda r: r["replicas"])
-    row("sagas (offered per s)", lambda r: f"{r['sagas']} ({r['offered_rate']:g})")
+    row("sagas placed (attempts; per s)", lambda r: f"{r['sagas']} ({r.get('attempts')}; {r['offered_rate']:g})")
     for flow in results[0]["flows"]:
         row(f"{flow}", lambda r, f=flow: ", ".join(f"{n} {s}" for s, n in sorted(r["flows"][f].items())))
     kinds = sorted({k for r in results for k in r["faults_by_kind"]})
     for kind in kinds:
         row(f"fault: {kind}", lambda r, k=kind: r["faults_by_kind"].get(k, 0))
     row("refused connects retried", lambda r: r["http"]["refused_connects_retried"])
+    row("lost responses", lambda r: r["http"]["lost_responses"])
     row(
-        "lost responses (then found placed / not)",
-        lambda r: f"{r['http']['lost_responses']} {r['http']['unknown_outcomes'] or ''}",
+        "unknown outcomes (lost, 5xx, refused), settled",
+        lambda r: ", ".join(f"{n} {k}" for k, n in sorted(r["http"]["unknown_outcomes"].items())),
     )
     row("load + faults", lambda r: f"{r['timings']['load_and_faults']} s")
     row(
@@ -65,14 +79,7 @@ def _table(results: list[dict[str, Any]]) -> list[str]:
     )
     row("whole run", lambda r: f"{r['timings']['total']} s")
     for name in results[0]["invariants"]:
-        row(
-            name,
-            lambda r, n=name: (
-                "pass"
-                if r["invariants"].get(n, {}).get("ok")
-                else f"**FAIL** ({len(r['invariants'].get(n, {}).get('violations', []))})"
-            ),
-        )
+        row(name, lambda r, n=name: "pass" if r["invariants"][n]["ok"] else f"**FAIL** ({count(r['invariants'][n])})")
     return rows
 
 
@@ -93,6 +100,12 @@ def render_docs(results_dir: Path, doc: Path) -> None:
                 f"{c['on_topic_twice']} of them on the topic twice (published before the kill and again after)"
                 for label, c in r.get("relay_kills", {}).items()
             ]
+            after = r["http"].get("http_5xx_after")
+            if after:
+                section.append(
+                    "- HTTP 5xx answers, by the fault they followed: "
+                    + "; ".join(f"{n} after {k}" for k, n in after.items())
+                )
             section.append("")
             if failed:
                 section.append(f"Violations in {r['run']}:")
@@ -134,11 +147,11 @@ Faults, one every 5 s (3 s in the short run) while the load goes on:
 - `kill`: SIGKILL one process of a service (round robin over its replicas), restarted 1 s later;
   each service three times;
 - `relay-kill`: SIGKILL the process holding the service's relay lock (found through `pg_locks`
-  and the holder's client port) right after a burst of 60 orders, while rows wait in its outbox.
-  For orders, whose connections pass through the harness's proxy, its database connections are
-  frozen 1 s before the kill, so a batch already sent to Kafka is never marked: the kill lands
-  between publish and mark. The rows still unmarked at the kill, and how many of them reached
-  the topic twice (before the kill, and again from the next leader), are recorded;
+  and the holder's client port) right after a burst of 60 orders, while rows wait in its outbox:
+  the broker is frozen for 1 s first, so the relay's batch in flight waits unread in the broker's
+  socket; the leader is killed, then the broker resumes and appends that batch, which nobody
+  will mark: killed between publish and mark. The rows unmarked at the kill, and how many of them
+  reached the topic twice (from the dead leader, then from the next), are recorded;
 - `kafka-pause`: SIGSTOP the broker for 10 s, then SIGCONT;
 - `kafka-restart`: stop the broker and start it on the same ports and log directory;
 - `pg-terminate`: `pg_terminate_backend` on every connection to each service's database;

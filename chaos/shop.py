@@ -99,6 +99,8 @@ class Shop:
 
     async def open(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.log_dir.glob("*.log"):
+            old.unlink()  # each start appends to its replica's log: begin the run with none
         # Started from the event loop's thread, so the JVM dies with us (PR_SET_PDEATHSIG).
         self.kafka.start()
         make = named_databases(self.postgres_url, prefix=f"chaos_{self.run}")
