@@ -66,6 +66,8 @@ class Saga:
     placed: str = "not yet"
     """"201", "unknown" (response lost, or a 5xx), "unsent", or another status."""
     cancel: str | None = None
+    cancel_sent: bool = False
+    """A cancel went out: without its answer, the order may be APPROVED or CANCELLED."""
 
 
 @dataclass
@@ -214,6 +216,7 @@ class Driver:
             saga.cancel = f"not cancelled: order {state}"
             return
         while time.monotonic() < deadline:
+            saga.cancel_sent = True
             try:
                 response = await self.call("POST", "orders", f"/orders/{saga.order_id}/cancel")
             except (Unknown, Unsent):

@@ -112,16 +112,17 @@ def _outcomes(ev: Evidence) -> list[str]:
         if order is None:
             problems.append(f"saga {saga.seq}: order {saga.order_id} answered 201 but is not in the orders database")
             continue
-        expected = EXPECTED[saga.flow]
+        expected = {EXPECTED[saga.flow]}
         if saga.flow == "cancel-after-approval" and saga.cancel != "cancelled":
-            expected = "APPROVED"  # never cancelled (e.g. a lost response placed it unseen)
+            # Never cancelled (e.g. a lost response placed it unseen), or cancelled unanswered.
+            expected = {"APPROVED", "CANCELLED"} if saga.cancel_sent else {"APPROVED"}
         reason = order["rejection_reason"] or ""
         if order["state"] == "REJECTED" and "deadline" in reason:
             continue  # a fault held the saga past its deadline: a legitimate end
-        if order["state"] != expected or (saga.flow in REASON and REASON[saga.flow] not in reason):
+        if order["state"] not in expected or (saga.flow in REASON and REASON[saga.flow] not in reason):
             problems.append(
-                f"saga {saga.seq} ({saga.flow}) order {saga.order_id}: {order['state']} {reason!r}, expected {expected}"
-                + (f" (cancel: {saga.cancel})" if saga.cancel else "")
+                f"saga {saga.seq} ({saga.flow}) order {saga.order_id}: {order['state']} {reason!r}, "
+                f"expected {' or '.join(sorted(expected))}" + (f" (cancel: {saga.cancel})" if saga.cancel else "")
             )
     return problems
 

@@ -132,8 +132,9 @@ Once the shop is quiet (every order terminal, every outbox drained, the inboxes 
 growing for 2 s; at most 120 s) it checks the invariants below straight from the three databases
 and the topics, prints each violation, and exits non-zero on any. It runs with one process per
 service, then with two (`--replicas 2` alone): with two, the standby relay takes over and
-partitions move while the faults land. `python -m chaos --short` (about 300 sagas, eight faults,
-two processes per service, about 2 minutes) runs in CI after the tests. Results:
+partitions move while the faults land. Each full run takes 3-4 minutes on a quiet 2-core host
+(8-12 minutes when other jobs load it). `python -m chaos --short` (about 300 sagas, eight faults,
+two processes per service, about 1.5 minutes) runs in CI after the tests. Results:
 `chaos/results/<run>.json`; service logs: `chaos/logs/<run>/`.
 
 Flows, as shares of the load: success 35 %, credit limit exceeded 15 %, unknown customer 10 %,

@@ -161,3 +161,13 @@ def test_a_scheduled_row_is_exempt_from_id_order() -> None:
     evidence.outbox["orders"].insert(1, {**deadline, "id": 0})  # written first, published last
     evidence.records["orders"].append(Record(0, 10, "s1", deadline["event_id"], "order.deadline_passed"))
     assert failing(evidence) == {}
+
+
+def test_a_cancel_whose_answer_was_lost_may_have_cancelled() -> None:
+    evidence = consistent()
+    evidence.sagas[0].flow = "cancel-after-approval"
+    evidence.orders[0]["state"] = "CANCELLED"
+    evidence.sagas[0].cancel = "cancel timed out"
+    assert "sagas end as their flow (or their deadline) says" in failing(evidence)  # no cancel went out
+    evidence.sagas[0].cancel_sent = True
+    assert "sagas end as their flow (or their deadline) says" not in failing(evidence)
