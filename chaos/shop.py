@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -43,7 +43,6 @@ class Replica:
     starts: int = 0
     killed: bool = False
     """Down on purpose (SIGKILLed, not yet restarted); any other exit is a crash."""
-    unexpected_exits: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:

@@ -1,7 +1,9 @@
-"""The chaos soak's invariant checker finds each kind of violation, and passes a consistent shop."""
+"""The chaos soak's invariant checker finds each kind of violation and passes a consistent shop;
+its blackhole proxy holds bytes without closing connections."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -10,6 +12,7 @@ from typing import Any
 
 from chaos.driver import Saga
 from chaos.invariants import Evidence, Record, check, reconcile
+from chaos.proxy import BlackholeProxy
 
 T0 = datetime(2026, 12, 2, tzinfo=UTC)
 
@@ -171,3 +174,28 @@ def test_a_cancel_whose_answer_was_lost_may_have_cancelled() -> None:
     assert "sagas end as their flow (or their deadline) says" in failing(evidence)  # no cancel went out
     evidence.sagas[0].cancel_sent = True
     assert "sagas end as their flow (or their deadline) says" not in failing(evidence)
+
+
+async def test_the_blackhole_proxy_holds_bytes_without_closing_the_connection() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(100):
+            writer.write(data)
+            await writer.drain()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    proxy = await BlackholeProxy(("127.0.0.1", server.sockets[0].getsockname()[1])).start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"a")
+        assert await asyncio.wait_for(reader.read(1), 5) == b"a"
+        assert len(proxy.upstream_ports) == 1
+        proxy.blackhole()
+        writer.write(b"b")
+        done, pending = await asyncio.wait([asyncio.ensure_future(reader.read(1))], timeout=0.5)
+        assert not done and not reader.at_eof()  # nothing arrives, nothing is closed
+        proxy.resume()
+        assert await asyncio.wait_for(next(iter(pending)), 5) == b"b"
+    finally:
+        writer.close()
+        await proxy.stop()
+        server.close()
