@@ -13,7 +13,7 @@ from html import escape
 
 from choreo.events import Event
 from choreo.graph import Choreography, Problem
-from choreo.tracing import SagaTrace, _service_of
+from choreo.tracing import SagaTrace, service_of
 
 LANE_HEIGHT = 84
 GUTTER = 120
@@ -43,8 +43,8 @@ def timeline(trace: SagaTrace, waiting: Mapping[str, list[str]]) -> str:
     lanes = list(trace.services)
     for hop in hops:
         for letter in hop.dead_letters:
-            if _service_of(letter) not in lanes:
-                lanes.append(_service_of(letter))
+            if service_of(letter) not in lanes:
+                lanes.append(service_of(letter))
     if not lanes:
         lanes = ["unknown"]
     lane_of = {name: index for index, name in enumerate(lanes)}
@@ -108,7 +108,7 @@ def timeline(trace: SagaTrace, waiting: Mapping[str, list[str]]) -> str:
             f'<text class="mark-time" x="{x}" y="{y + 37}">+{ms(trace.offset(hop))}</text></g>'
         )
         for number, letter in enumerate(hop.dead_letters):
-            lane = lane_of.get(_service_of(letter), 0)
+            lane = lane_of.get(service_of(letter), 0)
             lx, ly = x + STEP * 0.9, TOP + lane * LANE_HEIGHT + 30 + number * 12
             out.append(
                 f'<g class="dead-letter" data-consumer="{_attr(letter.consumer)}" data-reason="{_attr(letter.reason)}">'
