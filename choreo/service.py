@@ -44,6 +44,7 @@ from choreo.tx import Tx, UnitOfWorkSession
 log = logging.getLogger("choreo.service")
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
 
 _SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
@@ -405,8 +406,33 @@ class Service:
             relay_here = self._relay is not None and self._relay.stats.is_leader
             await outbox.write(session, tx.pending, utcnow(), notify=not relay_here)
             await outbox.withdraw(session, tx.withdrawn)
+            tx.committing = True  # from here a failure may have committed (see `run_transaction`)
         if (tx.pending or tx.wake_relay) and self._relay is not None:
             self._relay.wake()
+
+    async def run_transaction(
+        self, work: Callable[[Tx], Awaitable[T]], *, saga_id: str | None = None, attempts: int = 3
+    ) -> T:
+        """`await work(tx)` in a unit of work (see `transaction()`), again on a fresh connection when
+        the database failed before the commit was sent, up to `attempts` times; returns its result.
+
+        For HTTP endpoints: a request whose connection the database dropped mid-transaction
+        (a restart, `pg_terminate_backend`) is then answered, not failed. Nothing of a failed
+        attempt committed, so running `work` again is safe as long as it only touches the
+        database through `tx`; a failure of the commit itself is never retried, since it may
+        have committed. Each attempt of a new saga gets a new saga id.
+        """
+        for attempt in itertools.count(1):
+            tx: Tx | None = None
+            try:
+                async with self.transaction(saga_id) as tx:
+                    result = await work(tx)
+                return result
+            except Exception as error:
+                if attempt >= attempts or tx is None or tx.committing or not is_transient(error):
+                    raise
+                log.warning("%s: transaction failed before its commit (%s); running it again", self.name, error)
+        raise AssertionError("unreachable")
 
     def session(self) -> AsyncSession:
         """A session on the service's database for reads, e.g. from HTTP endpoints (after `start()`).

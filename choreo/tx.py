@@ -45,6 +45,9 @@ class Tx:
         self.withdrawn: list[str] = []
         """Event ids of scheduled timeouts this transaction makes moot (their sagas ended)."""
         self._pending: list[PendingEvent] = []
+        self.committing = False
+        """Set once everything is written and the commit is under way: a failure from then on
+        may have committed."""
         self.wake_relay = False
         self.cause_upcast: str | None = None
         """`v1→v3` when the consumer upcast the cause for the handler; copied onto every emitted event."""

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -18,8 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
-from starlette.responses import Response as StarletteResponse
 from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from choreo import ChoreoError, ConfigurationError, Service, SetupError
 from choreo.cli import exit_status, show_tracebacks
@@ -51,14 +51,7 @@ def keep_http_promises(app: FastAPI) -> None:
     it quotes back, and answer 500) quotes them decoded with replacement characters.
     """
 
-    @app.middleware("http")
-    async def allow(
-        request: Request, call_next: Callable[[Request], Awaitable[StarletteResponse]]
-    ) -> StarletteResponse:
-        response = await call_next(request)
-        if response.status_code == 405:
-            response.headers["Allow"] = ", ".join(_documented_methods(app, request.url.path))
-        return response
+    app.add_middleware(_AllowEveryMethod, app_of_routes=app)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -67,6 +60,32 @@ def keep_http_promises(app: FastAPI) -> None:
             for e in error.errors()
         ]
         return await request_validation_exception_handler(request, RequestValidationError(errors, body=error.body))
+
+
+class _AllowEveryMethod:
+    """Rewrites `Allow` on a 405 to every documented method of the path.
+
+    Plain ASGI rather than `@app.middleware("http")`: only the start of a 405 is touched, and
+    every other response passes through without the task and memory stream per request that
+    Starlette's BaseHTTPMiddleware adds.
+    """
+
+    def __init__(self, app: ASGIApp, app_of_routes: FastAPI) -> None:
+        self.app = app
+        self.routes = app_of_routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_allow(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 405:
+                allow = ", ".join(_documented_methods(self.routes, scope["path"])).encode()
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+                message = {**message, "headers": [*headers, (b"allow", allow)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_allow)
 
 
 def _documented_methods(app: FastAPI, path: str) -> list[str]:

@@ -13,10 +13,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 from typer.testing import CliRunner
 
-from choreo import DependencyUnavailable, KafkaSettings, Relay, Service
+from choreo import DependencyUnavailable, KafkaSettings, Relay, Service, Tx
 from choreo.cli import app
 from choreo.database import create_engine
 from choreo.exceptions import ConfigurationError
@@ -25,7 +25,7 @@ from choreo.settings import relay_takeover_timeout, start_timeout
 from demo_shop.shop import SERVICES, Shop
 from tests.demo_support import api_client
 from tests.test_core_infra import Recording, eventually
-from tests.toy import Numbered, add_stock, make_toy, order_status, place_order
+from tests.toy import Numbered, StockItem, add_stock, make_toy, order_status, place_order, stock_metadata
 
 MakeDatabase = Callable[[str], Awaitable[str]]
 
@@ -168,6 +168,35 @@ async def test_a_unit_of_work_after_its_pooled_connections_were_terminated_succe
         assert await terminate_backends(url) >= 1
         async with service.transaction() as tx:
             assert await tx.session.scalar(text("SELECT 2")) == 2
+
+
+async def test_run_transaction_runs_again_when_the_database_drops_the_connection_before_the_commit(
+    fresh_pg_database: MakeDatabase,
+) -> None:
+    service = Service("pool", database_url=await fresh_pg_database("pool"), metadata=stock_metadata)
+    attempts: list[int] = []
+
+    async def restock(tx: Tx) -> str:
+        attempts.append(len(attempts) + 1)
+        tx.session.add(StockItem(sku=f"pear-{len(attempts)}", available=1))
+        await tx.session.flush()
+        if len(attempts) == 1:  # the database ends this session mid-transaction
+            await tx.session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return "restocked"
+
+    async def broken(tx: Tx) -> None:
+        attempts.append(0)
+        raise ValueError("a bug is not retried")
+
+    async with service.running(kafka=False):
+        assert await service.run_transaction(restock) == "restocked"
+        assert attempts == [1, 2]
+        async with service.session() as session:
+            assert [item.sku for item in (await session.execute(select(StockItem))).scalars()] == ["pear-2"]
+        attempts.clear()
+        with pytest.raises(ValueError, match="a bug"):
+            await service.run_transaction(broken)
+        assert attempts == [0]
 
 
 async def test_the_demo_shop_places_an_order_after_its_database_sessions_were_terminated(

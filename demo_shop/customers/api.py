@@ -8,10 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
-from choreo import Service
+from choreo import Service, Tx
 from demo_shop.customers import handlers
 from demo_shop.customers.handlers import add_customer
 from demo_shop.customers.models import Customer, Reservation, ReservationState
@@ -77,16 +76,23 @@ def create_router(customers: Service) -> APIRouter:
         "/{customer_id}", summary="A customer: credit limit, available credit, reservations", responses=problems(404)
     )
     async def get_customer(customer_id: PathId) -> CustomerOut:
-        async with AsyncSession(customers.engine) as session:
-            customer = await session.get(Customer, customer_id)
+
+        async def read(tx: Tx) -> CustomerOut | None:
+            customer = await tx.session.get(Customer, customer_id)
             if customer is None:
-                raise HTTPException(404, f"customer {customer_id!r} not found")
-            reservations = await session.execute(
+                return None
+            reservations = await tx.session.execute(
                 select(Reservation)
                 .where(col(Reservation.customer_id) == customer_id)
                 .order_by(col(Reservation.created_at))
             )
             return _out(customer, list(reservations.scalars()))
+
+        # Reads go through run_transaction too: one whose connection the database drops is retried.
+        found = await customers.run_transaction(read)
+        if found is None:
+            raise HTTPException(404, f"customer {customer_id!r} not found")
+        return found
 
     return router
 

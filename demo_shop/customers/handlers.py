@@ -32,10 +32,13 @@ KAFKA_BOOTSTRAP_SERVERS, CHOREO_KAFKA_* (see choreo.settings)."""
 
 async def add_customer(customers: Service, name: str, credit_limit: Decimal) -> Customer:
     """Create a customer with an unused credit limit."""
-    customer = Customer(id=str(uuid.uuid4()), name=name, credit_limit=credit_limit)
-    async with customers.transaction() as tx:
+
+    async def add(tx: Tx) -> Customer:
+        customer = Customer(id=str(uuid.uuid4()), name=name, credit_limit=credit_limit)
         tx.session.add(customer)
-    return customer
+        return customer
+
+    return await customers.run_transaction(add)
 
 
 @service.on(OrderCreated)

@@ -8,10 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
-from choreo import Service
+from choreo import Service, Tx
 from demo_shop.money import PositiveAmount
 from demo_shop.orders import handlers
 from demo_shop.orders.handlers import OrderConflict, OrderNotFound, cancel_order, place_order
@@ -66,13 +65,15 @@ def create_router(orders: Service) -> APIRouter:
         query = select(Order).order_by(col(Order.created_at).desc()).limit(limit)
         if state is not None:
             query = query.where(col(Order.state) == state.value)
-        async with AsyncSession(orders.engine) as session:
-            return [OrderOut.of(order) for order in (await session.execute(query)).scalars()]
+
+        async def read(tx: Tx) -> list[OrderOut]:
+            return [OrderOut.of(order) for order in (await tx.session.execute(query)).scalars()]
+
+        return await orders.run_transaction(read)
 
     @router.get("/{order_id}", summary="One order, with its state and rejection reason", responses=problems(404))
     async def get_order(order_id: PathId) -> OrderOut:
-        async with AsyncSession(orders.engine) as session:
-            order = await session.get(Order, order_id)
+        order = await orders.run_transaction(lambda tx: tx.session.get(Order, order_id))
         if order is None:
             raise HTTPException(404, f"order {order_id!r} not found")
         return OrderOut.of(order)

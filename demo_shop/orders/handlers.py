@@ -13,8 +13,6 @@ import uuid
 from datetime import timedelta
 from decimal import Decimal
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from choreo import Service, Tx
 from demo_shop.events import (
     CreditLimitExceeded,
@@ -67,20 +65,24 @@ class OrderConflict(Exception):
 
 async def place_order(orders: Service, customer_id: str, total: Decimal) -> Order:
     """Insert a PENDING order and emit `order.created` in one transaction: the saga starts."""
-    async with orders.transaction() as tx:
+
+    async def start(tx: Tx) -> Order:
         order = Order(id=str(uuid.uuid4()), customer_id=customer_id, total=total, saga_id=tx.saga_id)
         tx.session.add(order)
         tx.emit(OrderCreated(order_id=order.id, customer_id=customer_id, total=total))
-    return order
+        return order
+
+    # Run again on a fresh connection if the database drops this one before the commit.
+    return await orders.run_transaction(start)
 
 
 async def cancel_order(orders: Service, order_id: str) -> Order:
     """Cancel an APPROVED order; `order.cancelled` joins the order's saga to undo its steps."""
-    async with AsyncSession(orders.engine) as session:
-        found = await session.get(Order, order_id)
+    found = await orders.run_transaction(lambda tx: tx.session.get(Order, order_id))
     if found is None:
         raise OrderNotFound(order_id)
-    async with orders.transaction(saga_id=found.saga_id) as tx:
+
+    async def cancel(tx: Tx) -> Order:
         # Locked, then checked: two concurrent cancels cannot both emit order.cancelled.
         order = await tx.session.get(Order, order_id, with_for_update=True)
         assert order is not None  # orders are never deleted
@@ -88,7 +90,9 @@ async def cancel_order(orders: Service, order_id: str) -> Order:
             raise OrderConflict(f"order {order_id!r} is {order.state}; only an APPROVED order can be cancelled")
         order.move_to(OrderState.CANCELLED)
         tx.emit(OrderCancelled(order_id=order.id, customer_id=order.customer_id))
-    return order
+        return order
+
+    return await orders.run_transaction(cancel, saga_id=found.saga_id)
 
 
 async def _pending_order(tx: Tx, order_id: str) -> Order | None:
