@@ -164,7 +164,8 @@ class KafkaTransport:
                 if highwater is None:
                     continue  # nothing fetched from this partition yet
                 try:
-                    position = await asyncio.wait_for(consumer.position(partition), 0.5)
+                    async with asyncio.timeout(0.5):
+                        position = await consumer.position(partition)
                 except (TimeoutError, KafkaError):
                     continue  # being reassigned
                 topic = partition.topic.removeprefix(self.settings.topic_prefix)
@@ -441,7 +442,8 @@ class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
         if self._task is not None:
             # Let the batch in hand finish rather than roll its transactions back.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), self._drain_timeout)
+                async with asyncio.timeout(self._drain_timeout):
+                    await self._idle.wait()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -455,7 +457,8 @@ class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
             # Without a reachable broker the final commit is skipped after a while: those
             # records are then delivered again and recognized by the inbox.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._commit(), self._drain_timeout)
+                async with asyncio.timeout(self._drain_timeout):
+                    await self._commit()
             await self.consumer.stop()
             self.consumer = None
 
@@ -564,7 +567,8 @@ class _GroupMember(ConsumerRebalanceListener):  # type: ignore[misc]
         # Hand over cleanly: finish the batch in hand and commit it, so the next owner
         # starts after it instead of processing it again beside us.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), self._drain_timeout)
+            async with asyncio.timeout(self._drain_timeout):
+                await self._idle.wait()
         # From here on a batch still running belongs to the old assignment.
         self._generation += 1
         await self._commit()

@@ -119,11 +119,15 @@ class Relay:
 
     async def stop(self) -> None:
         """Stop publishing; unpublished rows stay in the outbox for the next leader."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the caller of stop() was cancelled, not only the relay
 
     async def run(self) -> None:
         """Elect, publish while leader, and recover from any outage with backoff."""
@@ -317,8 +321,11 @@ class Relay:
         await raw.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
 
     async def _sleep(self, timeout: float, *, linger: float) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11, a wake-up coinciding with stop()'s
+        # cancel made wait_for swallow the cancellation, and stop() then waited forever.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
             self.stats.wakeups += 1
             if linger > 0:
                 # Under load commits come in bursts (a consumer batch, concurrent requests):

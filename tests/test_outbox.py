@@ -340,3 +340,31 @@ async def test_an_immediate_row_stays_immediate_when_the_clock_steps_back(
 
 class Ticked(Event, name="clock.ticked", topic="clock"):
     n: int
+
+
+class _Acknowledging:
+    async def publish(self, records: Sequence[OutboxRecord]) -> list[BaseException | None]:
+        return [None] * len(records)
+
+
+async def test_a_wake_up_at_the_moment_of_stop_does_not_keep_the_relay_running(tmp_path: Path) -> None:
+    engine = await open_engine(f"sqlite+aiosqlite:///{tmp_path}/relay.db")
+    try:
+        for _ in range(20):
+            relay = Relay(engine, _Acknowledging(), name="stopping", poll_interval=30)
+            relay.start()
+            while not relay.stats.is_leader:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # asleep, waiting to be woken
+            # A commit wakes the relay in the very step its service stops it: the cancellation
+            # must not be lost (asyncio.wait_for on Python 3.11 loses it), or stop() never returns.
+            relay.wake()
+            stopping = asyncio.create_task(relay.stop())
+            done, _ = await asyncio.wait({stopping}, timeout=5)
+            if not done:
+                assert relay._task is not None
+                relay._task.cancel()  # again, to end this test's relay
+                await stopping
+            assert done, "stop() did not return: the relay lost the cancellation"
+    finally:
+        await engine.dispose()
