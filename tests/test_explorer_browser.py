@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.explorer_support import LiveShop, eventually
+from tests.infra import require_infra
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("CHOREO_ARTIFACTS", "build/artifacts"))
@@ -39,7 +40,7 @@ def _browser_missing() -> str | None:
 def browser() -> Iterator[Browser]:
     missing = _browser_missing()
     if missing is not None:
-        if os.environ.get("CHOREO_REQUIRE_INFRA") == "1":
+        if require_infra():
             pytest.fail(f"CHOREO_REQUIRE_INFRA=1 but {missing}")
         pytest.skip(missing)
     with sync_playwright() as playwright:
