@@ -122,12 +122,11 @@ class Relay:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # the caller of stop() was cancelled, not only the relay
+            # asyncio.wait returns when the task has ended without raising what ended it, while
+            # a cancellation of stop()'s own caller still propagates.
+            await asyncio.wait({task})
+            if not task.cancelled() and (error := task.exception()) is not None:
+                log.warning("relay %s ended with %r", self.name, error)
 
     async def run(self) -> None:
         """Elect, publish while leader, and recover from any outage with backoff."""
