@@ -1,7 +1,8 @@
 """`python -m bench`: measure the demo shop's order saga on PostgreSQL and Apache Kafka.
 
 Starts a throwaway Apache Kafka broker (infra/kafka.py), uses the PostgreSQL on 127.0.0.1:5432
-(infra/postgres.sh; override with BENCH_POSTGRES_URL), runs the scenarios and writes
+(infra/postgres.sh; override with BENCH_POSTGRES_URL; its databases are named
+`$BENCH_DATABASE_PREFIX_<service>`, `bench_<service>` by default), runs the scenarios and writes
 bench/results/results.json, docs/benchmarks.md and docs/benchmarks-latency.png.
 """
 
@@ -24,6 +25,8 @@ from bench.infra import DEFAULT_POSTGRES_URL, ROOT, Sampler, named_databases, po
 from bench.run import OPTIONAL, SCENARIOS, Env, Plan, plan_dict, run_all, sampling
 
 RESULTS = ROOT / "bench" / "results" / "results.json"
+DATABASE_PREFIX = os.environ.get("BENCH_DATABASE_PREFIX", "bench")
+"""Lets two runs share one PostgreSQL server without dropping each other's databases."""
 log = logging.getLogger("bench")
 
 
@@ -123,7 +126,7 @@ async def main_async(args: argparse.Namespace) -> int:
     kafka.start()
     try:
         sampler = Sampler(interval=1.0)
-        make_db = named_databases(postgres_url, "bench")
+        make_db = named_databases(postgres_url, DATABASE_PREFIX)
         env = Env(kafka=kafka.bootstrap, make_db=make_db, work=work, sampler=sampler)
         sampler.track("postgres", lambda: postgres_pids(env.databases))
         if kafka.pid:
@@ -137,7 +140,7 @@ async def main_async(args: argparse.Namespace) -> int:
         from bench.infra import drop_databases
 
         await drop_databases(
-            postgres_url, [f"postgresql:///bench_{name}" for name in ("orders", "customers", "payments")]
+            postgres_url, [f"postgresql:///{DATABASE_PREFIX}_{name}" for name in ("orders", "customers", "payments")]
         )
     previous: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     merged = previous.get("scenarios", {}) if not set(SCENARIOS) <= set(args.only) else {}
