@@ -41,7 +41,7 @@ from bench.infra import health as service_health
 log = logging.getLogger("bench")
 
 SERVICES = ("orders", "customers", "payments")
-SCENARIOS = ("throughput", "latency", "ceiling", "baseline", "memory", "scale")
+SCENARIOS = ("throughput", "latency", "ceiling", "baseline", "floor", "memory", "scale")
 OPTIONAL = ("profile",)
 """Run only when asked for (`--profile` or `--only profile`)."""
 DRIVER_GROUP = "driver"
@@ -69,6 +69,10 @@ class Plan:
     scale_duration: float = 20.0
     kafka_warmup: float = 60.0
     """Seconds of saga traffic before any measurement: the broker's JVM compiles its hot paths."""
+    floor_chains: list[int] = field(default_factory=lambda: [1, 32])
+    """Events in flight in the null-handler loop: one (nothing batches) and many (saturation)."""
+    floor_micro_events: int = 2000
+    """Events per step when the null-handler loop's steps are timed one by one."""
     customers: int = 1000
     partitions: int = 8
     saga_timeout: float = 60.0
@@ -92,6 +96,7 @@ class Plan:
             scale_concurrency=16,
             scale_duration=6.0,
             kafka_warmup=5.0,
+            floor_micro_events=300,
             customers=200,
         )
 
@@ -475,6 +480,32 @@ async def baseline(env: Env, plan: Plan) -> dict[str, Any]:
     return {"throughput": await throughput(env, plan, "baseline"), "latency": await latency(env, plan, "baseline")}
 
 
+async def floor(env: Env, plan: Plan) -> dict[str, Any]:
+    """choreo's own CPU per event with a null handler, the same loop without guarantees, and
+    the loop's steps one by one (`bench/floor.py`)."""
+    spec = {
+        "kafka": env.kafka,
+        "urls": {"a": await env.database("floor_a"), "b": await env.database("floor_b")},
+        "topic_prefix": env.prefix("floor"),
+        "idempotence": not env.tansu,
+        "chains": plan.floor_chains,
+        "warmup": plan.warmup,
+        "duration": plan.duration,
+        "micro_events": plan.floor_micro_events,
+    }
+    timeout = len(plan.floor_chains) * 2 * (plan.warmup + plan.duration + 60) + 300
+    result: dict[str, Any] = await run_json_process(env, "bench.floor", "floor", spec, timeout)
+    for chains, loop in result["choreo"].items():
+        log.info(
+            "floor, %s chain(s): choreo %.0f µs/event (%.0f events/s), no guarantees %.0f µs/event",
+            chains,
+            loop["us_per_event"],
+            loop["events_per_s"],
+            result["bare"][chains]["us_per_event"],
+        )
+    return result
+
+
 def _slope(series: list[tuple[float, float]]) -> float:
     """Least-squares slope of (x, y) points (0 for fewer than two)."""
     if len(series) < 2:
@@ -641,6 +672,7 @@ RUNNERS: dict[str, Callable[[Env, Plan], Any]] = {
     "latency": latency,
     "ceiling": ceiling,
     "baseline": baseline,
+    "floor": floor,
     "memory": memory,
     "scale": scale,
     "profile": profile,

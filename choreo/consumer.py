@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 
 from choreo import deadletters, otel
-from choreo.database import claim_inbox, is_transient
+from choreo.database import is_transient
 from choreo.envelope import Envelope, check_key, decode_headers, utcnow
 from choreo.events import Event, EventRegistry, take_version
 from choreo.exceptions import HandlerFailed, RejectedRecord
@@ -88,6 +88,7 @@ class UnitOfWorkFactory(Protocol):
         cause: Envelope | None,
         handler: str | None,
         allowed: frozenset[type[Event]] | None,
+        claim: bool = False,
     ) -> AbstractAsyncContextManager[Tx]: ...
 
 
@@ -235,12 +236,10 @@ class Consumer:
             async with (
                 otel.handler_span(self.service, handler.name, envelope),
                 self._unit_of_work(
-                    saga_id=envelope.saga_id, cause=envelope, handler=handler.name, allowed=handler.emits
+                    saga_id=envelope.saga_id, cause=envelope, handler=handler.name, allowed=handler.emits, claim=True
                 ) as tx,
             ):
-                # The inbox row is written first, on the handler's own session: the handler's
-                # effects and the "processed" mark commit or roll back together.
-                if not await claim_inbox(tx.session, handler.name, envelope.event_id, utcnow()):
+                if tx.duplicate:
                     return False
                 if event.event_version != envelope.event_version:
                     tx.cause_upcast = f"v{envelope.event_version}→v{event.event_version}"  # shown by `choreo trace`

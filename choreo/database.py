@@ -147,7 +147,7 @@ _CLAIM_INBOX = text(
 ).bindparams(*(bindparam(column.name, type_=column.type) for column in inbox_table.c))
 
 
-async def claim_inbox(session: AsyncSession, consumer: str, event_id: str, now: Any) -> bool:
+async def claim_inbox(session: AsyncSession | AsyncConnection, consumer: str, event_id: str, now: Any) -> bool:
     """Insert the inbox row; False when this consumer already processed the event.
 
     ON CONFLICT DO NOTHING (rather than catching IntegrityError) keeps the transaction usable
@@ -200,6 +200,11 @@ def is_transient(error: BaseException) -> bool:
 
 
 def _is_transient_driver_error(error: BaseException) -> bool:
+    # The unit of work's own statements reach asyncpg directly (`hotpath`): its errors carry
+    # the SQLSTATE themselves.
+    sqlstate = getattr(error, "sqlstate", None)
+    if isinstance(sqlstate, str) and (sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")):
+        return True
     name = type(error).__name__
     module = type(error).__module__
     if module.startswith("asyncpg") and (

@@ -22,6 +22,8 @@ from choreo.events import Event
 from choreo.tables import UNPUBLISHED_IMMEDIATE, UNPUBLISHED_SCHEDULED, UtcDateTime, outbox_table
 
 _outbox = outbox_table
+Session = AsyncSession | AsyncConnection
+"""Where outbox rows are written: a unit of work's session or its connection."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +171,7 @@ _MARK_PUBLISHED_SQLITE = text("UPDATE choreo_outbox SET published_at = :now WHER
 )
 
 
-async def write(session: AsyncSession, pending: Sequence[PendingEvent], now: datetime, *, notify: bool = True) -> None:
+async def write(session: Session, pending: Sequence[PendingEvent], now: datetime, *, notify: bool = True) -> None:
     """Insert `pending` into the outbox on the caller's session, in emit order.
 
     `notify=False` when the relay that will publish them runs in this process and is woken directly.
@@ -198,7 +200,7 @@ async def write(session: AsyncSession, pending: Sequence[PendingEvent], now: dat
     )
 
 
-async def write_rows(session: AsyncSession, rows: Sequence[dict[str, Any]], *, notify: bool = True) -> None:
+async def write_rows(session: Session, rows: Sequence[dict[str, Any]], *, notify: bool = True) -> None:
     """Insert prepared outbox rows (all columns but id and published_at), in order."""
     if not rows:
         return
@@ -224,13 +226,13 @@ _DELETE = text("DELETE FROM choreo_outbox WHERE event_id IN :event_ids").bindpar
 )
 
 
-async def withdraw_any(session: AsyncSession, event_ids: Sequence[str]) -> None:
+async def withdraw_any(session: Session, event_ids: Sequence[str]) -> None:
     """Delete the rows of `event_ids`, published or not (to queue an event anew)."""
     if event_ids:
         await session.execute(_DELETE, {"event_ids": list(event_ids)})
 
 
-async def withdraw(session: AsyncSession, event_ids: Sequence[str]) -> None:
+async def withdraw(session: Session, event_ids: Sequence[str]) -> None:
     """Delete scheduled events that have become moot, unless they are already published."""
     if event_ids:
         await session.execute(_WITHDRAW, {"event_ids": list(event_ids)})

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from choreo import deadletters, outbox
+from choreo import deadletters, hotpath, outbox
 from choreo.database import NOTIFY_CHANNEL, is_postgres, is_transient
 from choreo.envelope import utcnow
 from choreo.exceptions import Unpublishable
@@ -107,6 +107,8 @@ class Relay:
         """Consecutive failed attempts to lead, for the backoff; a publishing cycle resets it."""
         self._held: dict[str, _Hold] = {}
         """Keys a send of which failed: only their first row is sent, alone, until it succeeds."""
+        self._driver: Any = None
+        """The leader connection's asyncpg connection, for the statements of every batch."""
 
     def wake(self) -> None:
         """Publish soon: a transaction that wrote outbox rows has committed."""
@@ -153,6 +155,7 @@ class Relay:
                         await self._lead(conn)
                     finally:
                         self.stats.is_leader = False
+                        self._driver = None
                         # The advisory lock belongs to the server session, which a connection
                         # pool would keep alive: close it so a standby can take over at once.
                         await conn.invalidate()
@@ -220,6 +223,9 @@ class Relay:
 
     async def _lead(self, conn: AsyncConnection) -> None:
         await self._listen(conn)
+        # The connection is in autocommit (PostgreSQL): each batch's read and mark go straight
+        # through asyncpg, with no transaction to end.
+        self._driver = await hotpath.asyncpg_driver(conn)
         self._held.clear()  # another leader may have published since
         while True:
             published = await self.publish_once(conn)
@@ -239,8 +245,11 @@ class Relay:
         """
         clock = asyncio.get_running_loop().time()
         heads = [hold.head for hold in self._held.values() if hold.retry_at <= clock]
-        rows = await outbox.fetch_due(conn, utcnow(), self.batch_size, held=list(self._held), heads=heads)
-        await conn.commit()
+        if self._driver is not None and not self._held:
+            rows = await hotpath.fetch_due(self._driver, utcnow(), self.batch_size)
+        else:
+            rows = await outbox.fetch_due(conn, utcnow(), self.batch_size, held=list(self._held), heads=heads)
+            await conn.commit()
         if heads:
             fetched = {row.id for row in rows}
             for key, hold in list(self._held.items()):
@@ -252,8 +261,11 @@ class Relay:
         done, unpublishable, failed = _settle(rows, outcomes)
         if unpublishable:
             await self._park(unpublishable)
-        await outbox.mark_published(conn, done, utcnow())
-        await conn.commit()
+        if self._driver is not None:
+            await hotpath.mark_published(self._driver, done, utcnow())
+        else:
+            await outbox.mark_published(conn, done, utcnow())
+            await conn.commit()
         self.stats.published += len(done)
         self.stats.batches += 1
         if self._held or unpublishable or failed:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from choreo import deadletters, outbox, tables
+from choreo import deadletters, hotpath, tables
 from choreo.cleanup import Retention, run_cleaner
 from choreo.consumer import Consumer, Handler, RetryPolicy
 from choreo.database import create_engine, is_transient, lock_schema, masked_url
@@ -39,7 +39,7 @@ from choreo.relay import Relay
 from choreo.saga import Saga, SagaIndex
 from choreo.settings import KafkaSettings, database_url, relay_takeover_timeout, retention_from_env
 from choreo.settings import start_timeout as start_timeout_setting
-from choreo.tx import Tx, UnitOfWorkSession
+from choreo.tx import Tx
 
 log = logging.getLogger("choreo.service")
 
@@ -383,13 +383,12 @@ class Service:
         cause: Envelope | None,
         handler: str | None,
         allowed: frozenset[type[Event]] | None,
+        claim: bool = False,
     ) -> AsyncIterator[Tx]:
-        async with (
-            AsyncSession(self.engine, expire_on_commit=False, sync_session_class=UnitOfWorkSession) as session,
-            session.begin(),
-        ):
+        async with self.engine.connect() as conn, conn.begin():
+            statements = await hotpath.statements_for(conn)
             tx = Tx(
-                session,
+                conn,
                 service=self.name,
                 saga_id=saga_id,
                 cause=cause,
@@ -398,14 +397,26 @@ class Service:
                 sagas=self._saga_index,
                 max_record_size=self.transport.max_record_size,
             )
-            yield tx
-            # Written last, on the same session: business rows, inbox row and events
-            # commit together or not at all.
-            # The relay leading here is woken directly after the commit; a NOTIFY is for a
-            # relay elsewhere (a replica's, or this service's main process for a script).
-            relay_here = self._relay is not None and self._relay.stats.is_leader
-            await outbox.write(session, tx.pending, utcnow(), notify=not relay_here)
-            await outbox.withdraw(session, tx.withdrawn)
+            try:
+                # The inbox row is written first: a concurrent duplicate waits here for this
+                # transaction's outcome, and the handler's effects and the "processed" mark
+                # commit or roll back together.
+                inbox_row = None
+                if claim:
+                    assert cause is not None and handler is not None
+                    inbox_row = hotpath.Claim(handler, cause.event_id, utcnow())
+                tx.duplicate = not await statements.begin(inbox_row)
+                yield tx
+                # Written last, on the same connection: business rows, inbox row and events
+                # commit together or not at all.
+                await tx.flush()
+                # The relay leading here is woken directly after the commit; a NOTIFY is for a
+                # relay elsewhere (a replica's, or this service's main process for a script).
+                relay_here = self._relay is not None and self._relay.stats.is_leader
+                await statements.write(tx.pending, utcnow(), notify=not relay_here)
+                await statements.withdraw(tx.withdrawn)
+            finally:
+                await tx.close()
             tx.committing = True  # from here a failure may have committed (see `run_transaction`)
         if (tx.pending or tx.wake_relay) and self._relay is not None:
             self._relay.wake()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
 from choreo import otel
@@ -24,7 +24,7 @@ class Tx:
 
     def __init__(
         self,
-        session: AsyncSession,
+        connection: AsyncConnection,
         *,
         service: str,
         saga_id: str,
@@ -34,7 +34,9 @@ class Tx:
         sagas: SagaIndex | None = None,
         max_record_size: int = DEFAULT_MAX_REQUEST_SIZE,
     ) -> None:
-        self.session = session
+        self.connection = connection
+        """The transaction's connection; `session` runs on it."""
+        self._session: AsyncSession | None = None
         self.service = service
         self.saga_id = saga_id
         self.cause = cause
@@ -49,9 +51,30 @@ class Tx:
         """Set once everything is written and the commit is under way: a failure from then on
         may have committed."""
         self.wake_relay = False
+        """Set when outbox rows were written besides `emit()`, so the relay is woken on commit."""
         self.cause_upcast: str | None = None
         """`v1→v3` when the consumer upcast the cause for the handler; copied onto every emitted event."""
-        """Set when outbox rows were written besides `emit()`, so the relay is woken on commit."""
+        self.duplicate = False
+        """Set when the inbox already had the cause for this handler: the handler must not run."""
+
+    @property
+    def session(self) -> AsyncSession:
+        """The SQLAlchemy session for business rows, in this transaction (opened on first use)."""
+        if self._session is None:
+            # Joined to the connection's transaction: the unit of work, not the session, ends it.
+            self._session = AsyncSession(
+                bind=self.connection, expire_on_commit=False, sync_session_class=UnitOfWorkSession
+            )
+        return self._session
+
+    async def flush(self) -> None:
+        """Write the session's pending changes (before the events; the commit follows)."""
+        if self._session is not None:
+            await self._session.flush()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     @property
     def pending(self) -> list[PendingEvent]:

@@ -74,15 +74,30 @@ async def ids_of(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> list[in
 
 
 class Statements:
-    """Records what is sent to the database (one entry per execution or executemany)."""
+    """Records what is sent to the database (one entry per execution or executemany), whether
+    through SQLAlchemy or, on PostgreSQL, straight through asyncpg (`choreo.hotpath`)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.sent: list[tuple[str, Any]] = []
+        self._watched: set[int] = set()
         event.listen(engine.sync_engine, "before_cursor_execute", self._record)
+        if engine.dialect.driver == "asyncpg":
+            # asyncpg logs the queries it is given directly, not SQLAlchemy's prepared statements.
+            event.listen(engine.sync_engine, "checkout", self._watch)
 
     def _record(self, _conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
         if not statement.startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE, see create_engine
             self.sent.append((statement, parameters))
+
+    def _watch(self, _dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        driver = record.driver_connection
+        if id(driver) not in self._watched:
+            self._watched.add(id(driver))
+            driver.add_query_logger(self._logged)
+
+    def _logged(self, query: Any) -> None:
+        if "choreo_" in query.query:  # not BEGIN, COMMIT or asyncpg's own type introspection
+            self.sent.append((query.query, query.args))
 
 
 async def test_due_rows_come_in_id_order_and_scheduled_rows_wait(engine: AsyncEngine) -> None:
