@@ -4,6 +4,10 @@ Starts a throwaway Apache Kafka broker (infra/kafka.py), uses the PostgreSQL on 
 (infra/postgres.sh; override with BENCH_POSTGRES_URL; its databases are named
 `$BENCH_DATABASE_PREFIX_<service>`, `bench_<service>` by default), runs the scenarios and writes
 bench/results/results.json, docs/benchmarks.md and docs/benchmarks-latency.png.
+
+choreo is compared with two hand-written versions of the same services, without choreo's
+guarantees: `bench/baseline/` (FastStream + SQLAlchemy ORM) and `bench/lean/` (bare asyncpg and
+aiokafka); the `baseline` scenario measures both.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "payment.authorized -> order.approved) with every service in its own process, on "
             "PostgreSQL and a throwaway Apache Kafka broker. Scenarios: "
             "throughput (closed loop), latency (open loop at rising rates until saturation), "
-            "ceiling (the same commits with bare asyncpg), baseline (the same choreography by hand "
-            "on FastStream), memory (a long run with RSS sampling), scale (1 vs 2 processes per service)."
+            "ceiling (the same commits with bare asyncpg), baseline (the same choreography by hand, "
+            "twice: on FastStream with the SQLAlchemy ORM, and lean on bare asyncpg and aiokafka), "
+            "memory (a long run with RSS sampling), scale (1 vs 2 processes per service)."
         ),
     )
     parser.add_argument("--quick", action="store_true", help="a short run (about 3 minutes) for development")

@@ -1,10 +1,11 @@
 """The load driver, a process of its own: `python -m bench.driver <spec.json> <out.json>`.
 
 It starts sagas the way an application would and watches them end by polling the orders
-table (the same query for choreo and the baseline). choreo: it opens the orders service's
-database without Kafka (`service.start(kafka=False)`) and calls the demo's `place_order`; the
-outbox row and PostgreSQL's NOTIFY wake the orders process's relay. Baseline: it inserts the
-order, commits, then publishes `order.created` itself.
+table (the same query for every system). choreo: it opens the orders service's database
+without Kafka (`service.start(kafka=False)`) and calls the demo's `place_order`; the outbox row
+and PostgreSQL's NOTIFY wake the orders process's relay. Baseline: it inserts the order with the
+ORM, commits, then publishes `order.created` itself with FastStream. Lean: the same with one bare
+asyncpg INSERT and aiokafka's producer.
 
 Actions (the spec's "action"):
 - `customers`: create `count` customers with a large credit limit; writes their ids.
@@ -24,6 +25,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -86,7 +88,7 @@ class Watcher:
             await asyncio.sleep(self.interval)
 
 
-# -- the two ways of starting a saga ---------------------------------------------------------
+# -- the three ways of starting a saga ---------------------------------------------------------
 
 
 async def choreo_starter(spec: dict[str, Any]) -> tuple[Start, Callable[[], Awaitable[None]]]:
@@ -131,6 +133,49 @@ async def baseline_starter(spec: dict[str, Any]) -> tuple[Start, Callable[[], Aw
         await engine.dispose()
 
     return start, stop
+
+
+async def lean_starter(spec: dict[str, Any]) -> tuple[Start, Callable[[], Awaitable[None]]]:
+    from aiokafka import AIOKafkaProducer
+
+    from bench.lean.events import TOPICS, encode
+    from bench.lean.services import keep_session
+
+    pool = await asyncpg.create_pool(asyncpg_dsn(spec["orders_url"]), min_size=2, max_size=10, reset=keep_session)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=spec["kafka"],
+        client_id="lean-driver",
+        acks="all",
+        enable_idempotence=spec.get("idempotence", True),
+    )
+    await producer.start()
+    topic = spec.get("topic_prefix", "") + TOPICS["order.created"]
+
+    async def start(customer_id: str, total: Decimal) -> tuple[str, str, float | None]:
+        order_id = str(uuid.uuid4())
+        emitted = time.time()
+        await pool.execute(
+            "INSERT INTO orders (id, customer_id, total, state, saga_id, created_at, updated_at)"
+            " VALUES ($1, $2, $3, 'PENDING', $1, $4, $4)",
+            order_id,
+            customer_id,
+            total,
+            datetime.now(UTC),
+        )
+        value, headers = encode(
+            "order.created", {"order_id": order_id, "customer_id": customer_id, "total": str(total)}
+        )
+        await producer.send_and_wait(topic, value, key=order_id.encode(), headers=headers)
+        return order_id, order_id, emitted
+
+    async def stop() -> None:
+        await producer.stop()
+        await pool.close()
+
+    return start, stop
+
+
+STARTERS = {"choreo": choreo_starter, "baseline": baseline_starter, "lean": lean_starter}
 
 
 async def create_customers(spec: dict[str, Any]) -> list[str]:
@@ -293,8 +338,7 @@ def _per_second(rows: list[list[Any]], window: tuple[float, float]) -> list[int]
 async def run(spec: dict[str, Any], customers: list[str]) -> dict[str, Any]:
     if spec["action"] == "customers":
         return {"action": "customers", "customers": await create_customers(spec)}
-    starter = choreo_starter if spec["system"] == "choreo" else baseline_starter
-    start, stop = await starter(spec)
+    start, stop = await STARTERS[spec["system"]](spec)
     watcher = Watcher(spec["orders_url"], float(spec.get("poll_interval", 0.01)))
     await watcher.start()
     try:

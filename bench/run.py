@@ -172,7 +172,7 @@ async def run_json_process(env: Env, module: str, name: str, spec: dict[str, Any
 
 
 class Shop:
-    """The demo shop's three services as processes (choreo or baseline), with customers to order for."""
+    """The demo shop's three services as processes (choreo, baseline or lean), with customers to order for."""
 
     def __init__(self, env: Env, plan: Plan, system: str, scenario: str, *, replicas: int = 1, **extra_env: str):
         self.env, self.plan, self.system, self.scenario = env, plan, system, scenario
@@ -234,6 +234,7 @@ class Shop:
                 self.procs.start(label, ["-m", f"demo_shop.{name}"], env, port=port)
 
     async def _start_baseline(self) -> None:
+        """The FastStream baseline (`bench.baseline`) or the lean one (`bench.lean`): same tables, same env."""
         from demo_shop.customers.models import metadata as customers_tables
         from demo_shop.orders.models import metadata as orders_tables
         from demo_shop.payments.models import metadata as payments_tables
@@ -242,7 +243,7 @@ class Shop:
         for name in SERVICES:
             await create_tables(self.urls[name], tables[name])
         await create_topics(self.env.kafka, [self.prefix + name for name in SERVICES], self.plan.partitions)
-        run_dir = self.env.work / "baseline" / self.scenario
+        run_dir = self.env.work / self.system / self.scenario
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in SERVICES:
             timings, ready = run_dir / f"{name}.timings", run_dir / f"{name}.ready"
@@ -257,7 +258,7 @@ class Shop:
                 BENCH_READY_FILE=str(ready),
                 BENCH_KAFKA_IDEMPOTENCE="0" if self.env.tansu else "1",
             )
-            self.procs.start(name, ["-m", "bench.baseline", name], env, ready_file=ready)
+            self.procs.start(name, ["-m", f"bench.{self.system}", name], env, ready_file=ready)
 
     async def driver(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         full = {
@@ -304,7 +305,7 @@ class Shop:
         """Success-flow instants of the given driver rows, from the system's own records."""
         if self.system == "choreo":
             return await measure.choreo_times(self.urls, [row[1] for row in sagas if row[4] is not None])
-        await asyncio.sleep(1.5)  # the baseline's handlers append their timestamps once a second
+        await asyncio.sleep(1.5)  # the baselines' handlers append their timestamps once a second
         return measure.baseline_times(self.timing_files, sagas)
 
     async def health(self) -> dict[str, Any]:
@@ -476,8 +477,17 @@ async def ceiling(env: Env, plan: Plan) -> dict[str, Any]:
 
 
 async def baseline(env: Env, plan: Plan) -> dict[str, Any]:
-    """The hand-written FastStream choreography: throughput and latency, as for choreo."""
-    return {"throughput": await throughput(env, plan, "baseline"), "latency": await latency(env, plan, "baseline")}
+    """The hand-written choreographies: throughput and latency, as for choreo.
+
+    The FastStream + ORM baseline's results are at the top level; the lean one's (bare asyncpg
+    and aiokafka) under "lean".
+    """
+    result: dict[str, Any] = {
+        "throughput": await throughput(env, plan, "baseline"),
+        "latency": await latency(env, plan, "baseline"),
+    }
+    result["lean"] = {"throughput": await throughput(env, plan, "lean"), "latency": await latency(env, plan, "lean")}
+    return result
 
 
 async def floor(env: Env, plan: Plan) -> dict[str, Any]:

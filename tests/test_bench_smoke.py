@@ -42,7 +42,7 @@ async def run_latency(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("system", ["choreo", "baseline"])
+@pytest.mark.parametrize("system", ["choreo", "baseline", "lean"])
 async def test_latency_scenario_completes_sagas_and_measures_them(
     system: str,
     kafka_bootstrap: str,
@@ -79,10 +79,15 @@ async def test_latency_scenario_completes_sagas_and_measures_them(
                     "commit": "c",
                 },
             },
-            "scenarios": {"latency": result} if system == "choreo" else {"baseline": {"latency": result}},
+            "scenarios": {
+                "choreo": {"latency": result},
+                "baseline": {"baseline": {"latency": result}},
+                "lean": {"baseline": {"lean": {"latency": result}}},
+            }[system],
         }
     )
     assert "## Latency (open loop)" in document
+    assert f"| {system} | 10 |" in document
 
 
 def test_cli_names_unknown_scenarios() -> None:
