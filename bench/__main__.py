@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "PostgreSQL and a throwaway Apache Kafka broker. Scenarios: "
             "throughput (closed loop), latency (open loop at rising rates until saturation), "
             "ceiling (the same commits with bare asyncpg), baseline (the same choreography by hand "
-            "on FastStream), memory (a long run with RSS sampling), scale (1 vs 2 processes per service)."
+            "on FastStream), memory (a long run with RSS sampling), scale (1 vs 2 processes per service), "
+            "recovery (a relay draining the outbox backlog of a Kafka outage), growth (the shop with and "
+            "without a long history in choreo's tables)."
         ),
     )
     parser.add_argument("--quick", action="store_true", help="a short run (about 3 minutes) for development")

@@ -130,7 +130,18 @@ def targets(results: dict[str, Any]) -> list[list[Any]]:
                 _verdict(peak <= TARGETS["rss_mb"] and flat),
             ]
         )
+    for scenario in _scenario_modules():
+        row = scenario.target_row(sc)
+        if row is not None:
+            rows.append(row)
     return rows
+
+
+def _scenario_modules() -> tuple[Any, ...]:
+    """Scenarios that render their own target row and section (imported late: they import this module)."""
+    from bench import growth, recovery
+
+    return (recovery, growth)
 
 
 def _latency_rows(steps: list[dict[str, Any]], system: str) -> list[list[Any]]:
@@ -537,6 +548,9 @@ def render(results: dict[str, Any]) -> str:
             )
         )
         add("")
+
+    for scenario in _scenario_modules():
+        out.extend(scenario.section(sc))
 
     loads = (sc.get("profile") or {}).get("loads") or []
     if loads:
