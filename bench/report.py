@@ -135,6 +135,10 @@ def targets(results: dict[str, Any]) -> list[list[Any]]:
                 _verdict(peak <= TARGETS["rss_mb"] and flat),
             ]
         )
+    for scenario in _scenario_modules():
+        row = scenario.target_row(sc)
+        if row is not None:
+            rows.append(row)
     return rows
 
 
@@ -246,6 +250,13 @@ def lean_cpu_rows(sc: dict[str, Any]) -> list[list[Any]]:
             load_text = f"{load} ({_fmt(sagas)} sagas/s)" + (" - saturated" if run.get("saturated") else "")
             rows.append([label, load_text, *[_fmt(per.get(n)) for n in SERVICE_NAMES], _fmt(sum(per.values()))])
     return rows
+
+
+def _scenario_modules() -> tuple[Any, ...]:
+    """Scenarios that render their own target row and section (imported late: they import this module)."""
+    from bench import floor, growth, recovery
+
+    return (floor, recovery, growth)
 
 
 def _latency_rows(steps: list[dict[str, Any]], system: str) -> list[list[Any]]:
@@ -674,6 +685,9 @@ def render(results: dict[str, Any]) -> str:
             )
         )
         add("")
+
+    for scenario in _scenario_modules():
+        out.extend(scenario.section(sc))
 
     loads = (sc.get("profile") or {}).get("loads") or []
     if loads:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench import measure
+from bench import growth, measure, recovery
 from bench.infra import (
     OTHER,
     ROOT,
@@ -41,7 +41,7 @@ from bench.infra import health as service_health
 log = logging.getLogger("bench")
 
 SERVICES = ("orders", "customers", "payments")
-SCENARIOS = ("throughput", "latency", "ceiling", "baseline", "floor", "memory", "scale")
+SCENARIOS = ("throughput", "latency", "ceiling", "baseline", "floor", "memory", "scale", "recovery", "growth")
 OPTIONAL = ("profile",)
 """Run only when asked for (`--profile` or `--only profile`)."""
 DRIVER_GROUP = "driver"
@@ -76,6 +76,12 @@ class Plan:
     customers: int = 1000
     partitions: int = 8
     saga_timeout: float = 60.0
+    recovery_rows: int = 100_000
+    """Outbox rows written while Kafka is down, for the relay to drain once it is back."""
+    growth_rows: int = 1_000_000
+    """Published outbox rows and inbox rows preloaded into each service database."""
+    growth_rate: float = 25.0
+    """Offered load (sagas/s) of the growth scenario's open-loop runs."""
 
     @classmethod
     def full(cls, long: int | None = None) -> Plan:
@@ -98,6 +104,8 @@ class Plan:
             kafka_warmup=5.0,
             floor_micro_events=300,
             customers=200,
+            recovery_rows=10_000,
+            growth_rows=50_000,
         )
 
 
@@ -686,6 +694,8 @@ RUNNERS: dict[str, Callable[[Env, Plan], Any]] = {
     "memory": memory,
     "scale": scale,
     "profile": profile,
+    "recovery": recovery.run,
+    "growth": growth.run,
 }
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import TextClause
+from sqlalchemy import TextClause, TextualSelect
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -59,11 +59,14 @@ class Claim:
     now: datetime
 
 
+_DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
+
+
 class _Compiled:
     """A statement as asyncpg takes it: SQL with $n placeholders, and its parameters' order."""
 
-    def __init__(self, statement: TextClause) -> None:
-        compiled = statement.compile(dialect=asyncpg_dialect.dialect())
+    def __init__(self, statement: TextClause | TextualSelect) -> None:
+        compiled = statement.compile(dialect=_DIALECT)
         self.sql = compiled.string
         self.names = tuple(compiled.positiontup or ())
 

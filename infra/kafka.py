@@ -12,6 +12,7 @@ Library use::
         print(kafka.bootstrap)  # "127.0.0.1:PORT"
         kafka.pause(); kafka.resume()  # SIGSTOP / SIGCONT, for failure drills
         kafka.restart()  # stop and start on the same ports, keeping the log directory
+        kafka.halt(); kafka.relaunch()  # the same in two steps, for an outage of your own length
 
     # Secured listeners beside the PLAINTEXT one, and SCRAM users created at format time:
     with ApacheKafka(
@@ -359,9 +360,21 @@ class ApacheKafka:
 
     def restart(self) -> None:
         """Stop the broker and start it again on the same ports, keeping its log directory."""
+        self.halt()
+        self.relaunch()
+
+    def halt(self) -> None:
+        """Stop the JVM (SIGTERM, then SIGKILL) but keep its ports and log directory, for `relaunch()`."""
         if self.workdir is None:
             raise RuntimeError("broker not started")
         self._terminate()
+
+    def relaunch(self) -> None:
+        """Start a halted broker again on the same ports; returns once it serves requests."""
+        if self.workdir is None:
+            raise RuntimeError("broker not started")
+        if self._proc is not None:
+            raise RuntimeError("broker already running")
         self._launch()
 
     def pause(self) -> None:

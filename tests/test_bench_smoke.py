@@ -5,6 +5,7 @@ No timing is asserted: these runs share the machine with the rest of the suite.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from bench.infra import Sampler, postgres_pids
 from bench.run import Env, Plan, latency, sampling
 
 SAGAS = 20
+RECORDED = Path(__file__).parent / "data" / "bench-recovery-growth.json"  # see data/README.md
 
 
 def tiny_plan() -> Plan:
@@ -60,34 +62,33 @@ async def test_latency_scenario_completes_sagas_and_measures_them(
     assert set(step["hop_ms"]) == {"orders→customers", "customers→payments", "payments→orders"}
     assert step["cpu"]["cores"], "the sampler saw the processes"
 
-    document = report.render(
-        {
-            "meta": {
-                "started_at": "now",
-                "seconds": 1.0,
-                "command": "pytest",
-                "plan": vars(tiny_plan()),
-                "machine": {
-                    "nproc": 2,
-                    "cpu_model": "cpu",
-                    "ram_gb": 1,
-                    "kernel": "k",
-                    "python": "3",
-                    "kafka": "k",
-                    "postgresql": "p",
-                    "packages": {},
-                    "commit": "c",
-                },
-            },
-            "scenarios": {
-                "choreo": {"latency": result},
-                "baseline": {"baseline": {"latency": result}},
-                "lean": {"baseline": {"lean": {"latency": result}}},
-            }[system],
-        }
-    )
+    scenarios = {
+        "choreo": {"latency": result},
+        "baseline": {"baseline": {"latency": result}},
+        "lean": {"baseline": {"lean": {"latency": result}}},
+    }[system]
+    document = report.render(results(scenarios))
     assert "## Latency (open loop)" in document
     assert f"| {system} | 10 |" in document
+
+
+def results(scenarios: dict[str, Any]) -> dict[str, Any]:
+    """`scenarios` as results.json holds them, with made-up metadata."""
+    machine = {"nproc": 2, "cpu_model": "cpu", "ram_gb": 1, "kernel": "k", "python": "3", "kafka": "k"}
+    machine |= {"postgresql": "p", "packages": {}, "commit": "c"}
+    meta = {"started_at": "now", "seconds": 1.0, "command": "pytest", "plan": vars(tiny_plan()), "machine": machine}
+    return {"meta": meta, "scenarios": scenarios}
+
+
+def test_recovery_and_growth_have_targets_and_sections() -> None:
+    document = report.render(results(json.loads(RECORDED.read_text())))
+
+    assert "## Recovery: draining an outage's backlog" in document
+    assert "**Per-key order holds.**" in document
+    assert "## Growth: a hop with a long history" in document
+    targets = [row[0] for row in report.targets(results(json.loads(RECORDED.read_text())))]
+    assert any(t.startswith("relay drains an outage's backlog") for t in targets)
+    assert any(t.startswith("with 1,000,000 published outbox and inbox rows") for t in targets)
 
 
 def test_cli_names_unknown_scenarios() -> None:
