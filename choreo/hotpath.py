@@ -111,9 +111,19 @@ class AsyncpgStatements:
         status: str = await self._driver.execute(f"BEGIN; {claim_sql}")
         return status != "INSERT 0 0"
 
+    def _check_in_transaction(self) -> None:
+        # The session rolls the connection's transaction back when a flush fails, even if the
+        # handler catches the error; a raw statement would then run outside any transaction.
+        if not isinstance(self._adapted._transaction, _Transaction):
+            raise UnitOfWorkError(
+                "the unit of work's transaction was rolled back (a failed flush of tx.session?); "
+                "its events are not written"
+            )
+
     async def write(self, pending: Sequence[PendingEvent], now: datetime, *, notify: bool) -> None:
         if not pending:
             return
+        self._check_in_transaction()
         rows = [_row(p, now, json.dumps(p.headers)) for p in pending]
         first = _LOCK_NOTIFY_INSERT if notify else _LOCK_INSERT
         keys = [p.key for p in pending if p.key is not None]
@@ -124,6 +134,7 @@ class AsyncpgStatements:
 
     async def withdraw(self, event_ids: Sequence[str]) -> None:
         if event_ids:
+            self._check_in_transaction()
             await self._driver.execute(_WITHDRAW, list(event_ids))
 
 

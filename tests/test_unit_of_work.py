@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
 
 from choreo import Event, RetryPolicy, Service, Tx, UnitOfWorkError
 from choreo.tables import DeadLetter, InboxRow, OutboxRow
@@ -81,3 +84,48 @@ async def test_ending_the_session_of_service_transaction_is_refused_before_anyth
             tx.emit(Restocked(sku="apple"))
         assert await count(service, StockItem) == 1
         assert await count(service, OutboxRow) == 1
+
+
+async def test_a_statement_error_swallowed_inside_a_handler_is_not_mistaken_for_success(
+    fresh_pg_database: DatabaseFactory,
+) -> None:
+    # PostgreSQL answers COMMIT in a failed transaction with ROLLBACK, not an error. Unnoticed,
+    # the record counted as processed although its inbox mark was rolled back with everything
+    # else: its offset was committed and the event lost without a trace.
+    service = Service(
+        "uow-swallow",
+        database_url=await fresh_pg_database("uow"),
+        retry=RetryPolicy(max_attempts=2, initial_backoff=0.001, max_backoff=0.002),
+    )
+
+    @service.on(Restock)
+    async def restock(event: Restock, tx: Tx) -> None:
+        with contextlib.suppress(DBAPIError):
+            await tx.session.execute(text("SELECT 1 / 0"))
+
+    async with in_memory(service):
+        assert service.consumer is not None
+        assert await service.consumer.process(record_of(Restock(sku="pear"))) == ["dead-lettered"]
+        assert await count(service, InboxRow) == 0
+        async with service.engine.connect() as conn:
+            letter = (await conn.execute(select(DeadLetter.__table__))).one()  # type: ignore[attr-defined]
+        assert "rolled back at commit" in letter.error
+
+
+async def test_writes_after_the_session_rolled_the_transaction_back_are_refused(
+    fresh_pg_database: DatabaseFactory,
+) -> None:
+    # A failed flush makes the session roll back the connection's transaction. The events
+    # must not then be written outside any transaction (autocommit), without the business rows.
+    url = await fresh_pg_database("uow")
+    service = Service("uow-flush", database_url=url, metadata=stock_metadata)
+    async with service.running(kafka=False):
+        async with service.transaction() as tx:
+            tx.session.add(StockItem(sku="apple", available=1))
+        with pytest.raises(Exception, match="rolled back|Session"):
+            async with service.transaction() as tx:
+                tx.session.add(StockItem(sku="apple", available=2))  # the same primary key
+                with contextlib.suppress(DBAPIError):
+                    await tx.session.flush()
+                tx.emit(Restocked(sku="apple"))
+        assert await count(service, OutboxRow) == 0
