@@ -375,8 +375,8 @@ async def run(env: Env, plan: Plan) -> dict[str, Any]:
 
 PEER = (
     "For context: faststream-outbox, the closest Python peer, is reported to drain about 3,700 "
-    "events/s in this situation at best and about 600/s with its defaults (figures from the issue "
-    "that asked for this scenario; not measured by this harness)."
+    "events/s on this machine at best and about 600/s with its defaults (reported figures, not "
+    "measured by this harness)."
 )
 
 
