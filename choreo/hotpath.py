@@ -125,7 +125,8 @@ class AsyncpgStatements:
         if not pending:
             return
         self._check_in_transaction()
-        rows = [_row(p, now, json.dumps(p.headers)) for p in pending]
+        # SQLAlchemy's JSON codec on the connection takes the JSON text.
+        rows = [{**outbox.row_of(p, now), "headers": json.dumps(p.headers)} for p in pending]
         first = _LOCK_NOTIFY_INSERT if notify else _LOCK_INSERT
         keys = [p.key for p in pending if p.key is not None]
         await self._driver.execute(first.sql, *first.args({**rows[0], "keys": keys}))
@@ -183,22 +184,6 @@ class SqlAlchemyStatements:
 
     async def withdraw(self, event_ids: Sequence[str]) -> None:
         await outbox.withdraw(self._conn, event_ids)
-
-
-def _row(p: PendingEvent, now: datetime, headers: str) -> dict[str, Any]:
-    return {
-        "event_id": p.envelope.event_id,
-        "topic": p.topic,
-        "key": p.key,
-        "event_type": p.envelope.event_type,
-        "event_version": p.envelope.event_version,
-        "saga_id": p.envelope.saga_id,
-        "headers": headers,
-        "payload": p.payload,
-        "created_at": now,
-        # Due when written (see `outbox.write`): a clock stepped back cannot make it scheduled.
-        "available_at": now if p.available_at is None else p.available_at,
-    }
 
 
 async def fetch_due(driver: Any, now: datetime, limit: int) -> list[OutboxRecord]:

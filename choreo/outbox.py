@@ -176,28 +176,26 @@ async def write(session: Session, pending: Sequence[PendingEvent], now: datetime
 
     `notify=False` when the relay that will publish them runs in this process and is woken directly.
     """
-    await write_rows(
-        session,
-        [
-            {
-                "event_id": p.envelope.event_id,
-                "topic": p.topic,
-                "key": p.key,
-                "event_type": p.envelope.event_type,
-                "event_version": p.envelope.event_version,
-                "saga_id": p.envelope.saga_id,
-                "headers": p.headers,
-                "payload": p.payload,
-                "created_at": now,
-                # An event due at once is due when written, by definition: were it given its
-                # emit time instead, a clock stepped back between emit and write would make it
-                # look scheduled (available_at > created_at) and wait for the clock to catch up.
-                "available_at": now if p.available_at is None else p.available_at,
-            }
-            for p in pending
-        ],
-        notify=notify,
-    )
+    await write_rows(session, [row_of(p, now) for p in pending], notify=notify)
+
+
+def row_of(pending: PendingEvent, now: datetime) -> dict[str, Any]:
+    """The outbox row of `pending`, written at `now` (all columns but id and published_at)."""
+    return {
+        "event_id": pending.envelope.event_id,
+        "topic": pending.topic,
+        "key": pending.key,
+        "event_type": pending.envelope.event_type,
+        "event_version": pending.envelope.event_version,
+        "saga_id": pending.envelope.saga_id,
+        "headers": pending.headers,
+        "payload": pending.payload,
+        "created_at": now,
+        # An event due at once is due when written, by definition: were it given its emit time
+        # instead, a clock stepped back between emit and write would make it look scheduled
+        # (available_at > created_at) and wait for the clock to catch up.
+        "available_at": now if pending.available_at is None else pending.available_at,
+    }
 
 
 async def write_rows(session: Session, rows: Sequence[dict[str, Any]], *, notify: bool = True) -> None:

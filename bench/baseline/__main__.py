@@ -2,7 +2,8 @@
 
 import sys
 
-from bench.baseline.services import SERVICES, main
+from bench.baseline.services import main
+from bench.handwritten import SERVICES
 
 if len(sys.argv) != 2 or sys.argv[1] not in SERVICES:
     sys.exit(f"usage: python -m bench.baseline {{{','.join(SERVICES)}}}")

@@ -2,7 +2,8 @@
 
 import sys
 
-from bench.lean.services import SERVICES, main
+from bench.handwritten import SERVICES
+from bench.lean.services import main
 
 if len(sys.argv) != 2 or sys.argv[1] not in SERVICES:
     sys.exit(f"usage: python -m bench.lean {{{','.join(SERVICES)}}}")

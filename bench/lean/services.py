@@ -25,12 +25,9 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
+from bench.handwritten import CONSUMES, Timings
 from bench.infra import asyncpg_dsn
 from bench.lean.events import TOPICS, decode, encode
-
-SERVICES = ("orders", "customers", "payments")
-CONSUMES = {"customers": "orders", "payments": "customers", "orders": "payments"}
-"""The topic each service subscribes to in the order saga."""
 
 log = logging.getLogger("lean")
 
@@ -140,29 +137,6 @@ async def keep_session(conn: asyncpg.Connection) -> None:
 
 
 HANDLERS: dict[str, Handler] = {"customers": reserve_credit, "payments": authorize_payment, "orders": decide_order}
-
-
-class Timings:
-    """Handler timestamps, appended to a file once a second (no database writes of their own)."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = Path(path) if path else None
-        self.rows: list[str] = []
-
-    def add(self, order_id: str, step: str, received: float, emitted: float) -> None:
-        if self.path is not None:
-            self.rows.append(f"{order_id},{step},{received:.6f},{emitted:.6f}\n")
-
-    def flush(self) -> None:
-        if self.path is not None and self.rows:
-            rows, self.rows = self.rows, []
-            with self.path.open("a") as out:
-                out.writelines(rows)
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            self.flush()
 
 
 class Service:
