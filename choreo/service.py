@@ -440,7 +440,9 @@ class Service:
                     result = await work(tx)
                 return result
             except Exception as error:
-                if attempt >= attempts or tx is None or tx.committing or not is_transient(error):
+                # A failure before `work` ran (checking a connection out, BEGIN) is as safe to
+                # retry as one inside it: nothing was committed.
+                if attempt >= attempts or (tx is not None and tx.committing) or not is_transient(error):
                     raise
                 log.warning("%s: transaction failed before its commit (%s); running it again", self.name, error)
         raise AssertionError("unreachable")

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select, text
 from typer.testing import CliRunner
 
-from choreo import DependencyUnavailable, KafkaSettings, Relay, Service, Tx
+from choreo import DependencyUnavailable, KafkaSettings, Relay, Service, Tx, hotpath
 from choreo.cli import app
 from choreo.database import create_engine
 from choreo.exceptions import ConfigurationError
@@ -197,6 +197,34 @@ async def test_run_transaction_runs_again_when_the_database_drops_the_connection
         with pytest.raises(ValueError, match="a bug"):
             await service.run_transaction(broken)
         assert attempts == [0]
+
+
+async def test_run_transaction_runs_again_when_the_connection_dies_as_the_transaction_begins(
+    fresh_pg_database: MakeDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pooled connection whose backend was terminated, but whose FATAL asyncpg has not read
+    # yet, passes the checkout and fails at BEGIN, before `work` runs (seen in a chaos run as
+    # an HTTP 500). Injected at the driver, as asyncpg fails.
+    service = Service("pool", database_url=await fresh_pg_database("pool"), metadata=stock_metadata)
+    begin = hotpath.AsyncpgStatements.begin
+    failures = [asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation")]
+
+    async def dying_begin(self: hotpath.AsyncpgStatements, claim: hotpath.Claim | None = None) -> bool:
+        if failures:
+            raise failures.pop()
+        return await begin(self, claim)
+
+    monkeypatch.setattr(hotpath.AsyncpgStatements, "begin", dying_begin)
+    attempts: list[int] = []
+
+    async def restock(tx: Tx) -> str:
+        attempts.append(len(attempts) + 1)
+        tx.session.add(StockItem(sku="pear", available=1))
+        return "restocked"
+
+    async with service.running(kafka=False):
+        assert await service.run_transaction(restock) == "restocked"
+        assert attempts == [1] and not failures
 
 
 async def test_the_demo_shop_places_an_order_after_its_database_sessions_were_terminated(
