@@ -73,6 +73,7 @@ class Tx:
             await self._session.flush()
 
     async def close(self) -> None:
+        """Release the session (the connection and its transaction stay the unit of work's)."""
         if self._session is not None:
             await self._session.close()
 
