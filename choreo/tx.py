@@ -11,12 +11,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
 from choreo import otel
-from choreo.envelope import Envelope, new_id, utcnow
+from choreo.envelope import ID_LENGTH, NAME_LENGTH, Envelope, new_id, utcnow
 from choreo.events import Event, describe, is_event_type
 from choreo.exceptions import EventTooLarge, UndeclaredEmitError, UnitOfWorkError
 from choreo.kafka import DEFAULT_MAX_REQUEST_SIZE, record_size
 from choreo.outbox import PendingEvent
 from choreo.saga import SagaIndex
+
+_OUTBOX_LENGTHS = {"key": NAME_LENGTH, "saga id": ID_LENGTH}
+"""The outbox's columns for them (the consumer checks incoming records against the same)."""
 
 
 class Tx:
@@ -154,6 +157,14 @@ class Tx:
             cause_upcast=self.cause_upcast,
         )
         key = key if key is not None else event.kafka_key(self.saga_id)
+        for name, value in (("key", key), ("saga id", self.saga_id)):
+            # Refused here, not by PostgreSQL at the outbox insert (SQLite would store it whole).
+            limit = _OUTBOX_LENGTHS[name]
+            if len(value) > limit:
+                raise ValueError(
+                    f"{describe(event_type)}: its {name} is {len(value)} characters long; the outbox stores "
+                    f"at most {limit} (use a shorter {name}, e.g. an id or a hash of it)"
+                )
         headers = envelope.to_headers()
         payload = event.model_dump_json().encode()
         # Refused here, where the author can still act, rather than by the producer later, when

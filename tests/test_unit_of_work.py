@@ -129,3 +129,22 @@ async def test_writes_after_the_session_rolled_the_transaction_back_are_refused(
                     await tx.session.flush()
                 tx.emit(Restocked(sku="apple"))
         assert await count(service, OutboxRow) == 0
+
+
+async def test_a_key_or_saga_id_longer_than_its_outbox_column_is_refused_at_emit(database: DatabaseFactory) -> None:
+    # PostgreSQL would refuse the row only at the outbox insert, with a driver error; SQLite
+    # would store it whole. Either way the author learns of it best where the event is emitted.
+    service = stock_service(await database("uow"), habit="commit")
+    async with service.running(kafka=False):
+        with pytest.raises(ValueError, match="its key is 256 characters long; the outbox stores at most 255"):
+            async with service.transaction() as tx:
+                tx.session.add(StockItem(sku="apple", available=3))
+                tx.emit(Restocked(sku="apple"), key="k" * 256)
+        with pytest.raises(ValueError, match="its saga id is 65 characters long; the outbox stores at most 64"):
+            async with service.transaction(saga_id="s" * 65) as tx:
+                tx.emit(Restocked(sku="apple"))
+        assert await count(service, StockItem) == 0
+        assert await count(service, OutboxRow) == 0
+        async with service.transaction() as tx:
+            tx.emit(Restocked(sku="apple"), key="k" * 255)  # the longest that fits
+        assert await count(service, OutboxRow) == 1
