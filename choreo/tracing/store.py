@@ -31,7 +31,14 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from choreo.database import create_engine, insert_ignoring_duplicates, masked_url, normalize_url, require_existing
+from choreo.database import (
+    create_engine,
+    insert_ignoring_duplicates,
+    lock_schema,
+    masked_url,
+    normalize_url,
+    require_existing,
+)
 from choreo.envelope import (
     utcnow,
 )
@@ -190,6 +197,9 @@ class TraceStore:
             )
         self._engine = create_engine(self.url)
         async with self._engine.begin() as conn:
+            # The collector and the explorer may start together on a fresh database: one
+            # creates the tables, the other waits and finds them (PostgreSQL).
+            await lock_schema(conn)
             await conn.run_sync(trace_metadata.create_all)
             await conn.run_sync(_add_new_columns)
 
